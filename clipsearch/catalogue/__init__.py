@@ -1,0 +1,1 @@
+"""The catalogue: SQLite via SQLAlchemy 2, schema by Alembic; the source of truth."""

@@ -1,0 +1,584 @@
+"""Open, migrate, lock and query the catalogue (SQLite, WAL, batched transactions)."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+import urllib.parse
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Engine, Integer, Text, cast, create_engine, delete, event, func, select, update
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DatabaseError, OperationalError
+
+from clipsearch.catalogue.models import (
+    STATE_FAILED,
+    STATE_INDEXED,
+    STATE_MISSING,
+    STATES,
+    Embedding,
+    ImageRecord,
+    Meta,
+    ModelRecord,
+    Root,
+)
+from clipsearch.errors import CatalogueBusyError, CatalogueError
+
+SCHEMA_HEAD = "0001_initial_schema"
+BUSY_TIMEOUT_MS = 30_000
+META_ACTIVE_MODEL = "active_model_key"
+META_GENERATION = "generation"
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """What the catalogue knows about one path, for the incremental comparison."""
+
+    image_id: int
+    size: int
+    mtime_ns: int
+    state: str
+    content_hash: str | None
+    attempts: int
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    """One catalogued image as queries return it."""
+
+    image_id: int
+    path: str
+    size: int
+    mtime_ns: int
+    width: int | None
+    height: int | None
+    format: str | None
+    captured_at: float | None
+    state: str
+    error: str | None
+
+    @property
+    def date(self) -> float:
+        """Capture time from EXIF, else the file's modification time (unix seconds)."""
+        return self.captured_at if self.captured_at is not None else self.mtime_ns / 1e9
+
+
+def migrations_location() -> str:
+    """Where the Alembic scripts are: shipped inside the package as clipsearch.migrations."""
+    import clipsearch.migrations as pkg
+
+    return str(Path(pkg.__file__).parent)
+
+
+def _alembic_config(connection: Any = None) -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", migrations_location())
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def known_revisions() -> set[str]:
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(_alembic_config())
+    return {rev.revision for rev in script.walk_revisions()}
+
+
+class Catalogue:
+    """A handle on one catalogue file; migrates it to the current schema on open."""
+
+    def __init__(self, path: Path, *, create: bool = True, readonly: bool = False) -> None:
+        self.path = Path(path)
+        exists = self.path.exists()
+        if not exists and not create:
+            raise CatalogueError(
+                f"no catalogue at {self.path}",
+                hint="run `clipsearch index FOLDER` first, or point --db at an existing one",
+            )
+        if not exists:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise CatalogueError(f"cannot create {self.path.parent}: {err.strerror}") from err
+        writable = os.access(self.path if exists else self.path.parent, os.W_OK) and os.access(
+            self.path.parent, os.W_OK
+        )
+        self.readonly = readonly or not writable
+        if self.readonly and not exists:
+            raise CatalogueError(f"cannot create {self.path}: folder is not writable")
+        self.engine = self._make_engine()
+        try:
+            self._migrate()
+        except CatalogueError:
+            self.engine.dispose()
+            raise
+        except DatabaseError as err:
+            self.engine.dispose()
+            raise CatalogueError(
+                f"{self.path}: not a clipsearch catalogue or damaged ({err.orig})",
+                hint="the file was left untouched; move it aside or use another --db",
+            ) from err
+
+    def _make_engine(self) -> Engine:
+        path = str(self.path)
+        readonly = self.readonly
+
+        def connect() -> sqlite3.Connection:
+            if readonly:
+                uri = "file:" + urllib.parse.quote(path) + "?mode=ro"
+                conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
+                                       check_same_thread=False)
+            else:
+                conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000,
+                                       check_same_thread=False)
+            return conn
+
+        engine = create_engine("sqlite://", creator=connect)
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            if not readonly:
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+
+    def _current_revision(self) -> str | None:
+        with self.engine.connect() as conn:
+            raw = conn.connection.dbapi_connection
+            assert raw is not None
+            tables = {
+                r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+            if "alembic_version" not in tables:
+                if tables:
+                    raise CatalogueError(
+                        f"{self.path}: not a clipsearch catalogue (it holds other tables)",
+                        hint="the file was left untouched; use another --db",
+                    )
+                return None
+            row = raw.execute("SELECT version_num FROM alembic_version").fetchone()
+            return str(row[0]) if row else None
+
+    def _migrate(self) -> None:
+        current = self._current_revision()
+        if current == SCHEMA_HEAD:
+            return
+        if current is not None and current not in known_revisions():
+            raise CatalogueError(
+                f"{self.path} was written by a newer clipsearch (schema {current})",
+                hint="upgrade clipsearch to open it",
+            )
+        if self.readonly:
+            raise CatalogueError(f"{self.path} needs a schema upgrade but is read-only")
+        from alembic import command
+
+        with self.engine.begin() as conn:
+            command.upgrade(_alembic_config(conn), "head")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Catalogue:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # -- meta and models -------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(Meta.value).where(Meta.key == key)).scalar()
+
+    def set_meta(self, key: str, value: str) -> None:
+        stmt = sqlite_insert(Meta).values(key=key, value=value)
+        stmt = stmt.on_conflict_do_update(index_elements=[Meta.key], set_={"value": value})
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
+
+    def model_by_key(self, key: str) -> ModelRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(ModelRecord).where(ModelRecord.key == key)).first()
+        if row is None:
+            return None
+        return _model_from_row(row._mapping)
+
+    def active_model(self) -> ModelRecord | None:
+        key = self.get_meta(META_ACTIVE_MODEL)
+        return self.model_by_key(key) if key else None
+
+    def register_model(self, values: dict[str, Any], activate: bool = True) -> int:
+        """Insert the model if new; make it the catalogue's model. Returns its id."""
+        with self.engine.begin() as conn:
+            existing = conn.execute(
+                select(ModelRecord.id).where(ModelRecord.key == values["key"])
+            ).scalar()
+            if existing is None:
+                existing = conn.execute(
+                    sqlite_insert(ModelRecord).values(created_at=time.time(), **values)
+                ).inserted_primary_key[0]
+            else:
+                conn.execute(
+                    update(ModelRecord).where(ModelRecord.id == existing).values(spec=values["spec"])
+                )
+            if activate:
+                stmt = sqlite_insert(Meta).values(key=META_ACTIVE_MODEL, value=values["key"])
+                conn.execute(
+                    stmt.on_conflict_do_update(
+                        index_elements=[Meta.key], set_={"value": values["key"]}
+                    )
+                )
+        return int(existing)
+
+    # -- roots and files -------------------------------------------------------------
+    def add_roots(self, paths: Iterable[str]) -> None:
+        rows = [{"path": os.fsencode(p), "added_at": time.time()} for p in paths]
+        if rows:
+            with self.engine.begin() as conn:
+                conn.execute(sqlite_insert(Root).values(rows).on_conflict_do_nothing())
+
+    def roots(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return [os.fsdecode(r[0]) for r in conn.execute(select(Root.path).order_by(Root.id))]
+
+    def files_under(self, prefixes: Sequence[str]) -> dict[str, StoredFile]:
+        """Every catalogued path equal to or below one of the prefixes."""
+        raw = [os.fsencode(p) for p in prefixes]
+        dirs = [p.rstrip(b"/") + b"/" for p in raw]
+        out: dict[str, StoredFile] = {}
+        cols = (
+            ImageRecord.path,
+            ImageRecord.id,
+            ImageRecord.size,
+            ImageRecord.mtime_ns,
+            ImageRecord.state,
+            ImageRecord.content_hash,
+            ImageRecord.attempts,
+        )
+        rawset = set(raw)
+        with self.engine.connect() as conn:
+            for path, image_id, size, mtime_ns, state, chash, att in conn.execute(select(*cols)):
+                if path in rawset or path.startswith(tuple(dirs)):
+                    out[os.fsdecode(path)] = StoredFile(image_id, size, mtime_ns, state, chash, att)
+        return out
+
+    def write_images(self, rows: Sequence[dict[str, Any]]) -> dict[str, int]:
+        """Upsert image rows by path in one transaction; returns path -> image_id."""
+        if not rows:
+            return {}
+        now = time.time()
+        ids: dict[str, int] = {}
+        with self.engine.begin() as conn:
+            for row in rows:
+                values = dict(row)
+                path = values.pop("path")
+                values["updated_at"] = now
+                stmt = sqlite_insert(ImageRecord).values(path=os.fsencode(path), **values)
+                stmt = stmt.on_conflict_do_update(index_elements=[ImageRecord.path], set_=values)
+                conn.execute(stmt)
+            paths = [os.fsencode(r["path"]) for r in rows]
+            for chunk in _chunks(paths, 500):
+                for p, image_id in conn.execute(
+                    select(ImageRecord.path, ImageRecord.id).where(ImageRecord.path.in_(chunk))
+                ):
+                    ids[os.fsdecode(p)] = image_id
+        return ids
+
+    def write_batch(
+        self,
+        rows: Sequence[dict[str, Any]],
+        vectors: dict[str, np.ndarray],
+        model_id: int,
+    ) -> None:
+        """One transaction: new vectors (by content hash) and the image rows that use them."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            _bump_generation(conn)
+            if vectors:
+                conn.execute(
+                    sqlite_insert(Embedding)
+                    .values(
+                        [
+                            {
+                                "content_hash": h,
+                                "model_id": model_id,
+                                "vector": np.asarray(v, dtype=np.float32).tobytes(),
+                            }
+                            for h, v in vectors.items()
+                        ]
+                    )
+                    .on_conflict_do_nothing()
+                )
+            for row in rows:
+                values = dict(row)
+                path = os.fsencode(values.pop("path"))
+                values["updated_at"] = now
+                stmt = sqlite_insert(ImageRecord).values(path=path, **values)
+                conn.execute(
+                    stmt.on_conflict_do_update(index_elements=[ImageRecord.path], set_=values)
+                )
+
+    def generation(self) -> int:
+        """A counter bumped by every write that changes which vectors are indexed."""
+        value = self.get_meta(META_GENERATION)
+        return int(value) if value else 0
+
+    def mark_missing(self, image_ids: Sequence[int]) -> None:
+        if not image_ids:
+            return
+        with self.engine.begin() as conn:
+            _bump_generation(conn)
+            for chunk in _chunks(list(image_ids), 500):
+                conn.execute(
+                    update(ImageRecord)
+                    .where(ImageRecord.id.in_(chunk))
+                    .values(state=STATE_MISSING, updated_at=time.time())
+                )
+
+    def known_hashes(self, hashes: Sequence[str], model_id: int) -> set[str]:
+        out: set[str] = set()
+        with self.engine.connect() as conn:
+            for chunk in _chunks(list(hashes), 500):
+                out.update(
+                    r[0]
+                    for r in conn.execute(
+                        select(Embedding.content_hash).where(
+                            Embedding.model_id == model_id, Embedding.content_hash.in_(chunk)
+                        )
+                    )
+                )
+        return out
+
+    # -- vectors ---------------------------------------------------------------------
+    def indexed_vectors(self, model_id: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image_ids int64, vectors float32 [n, dim]) of every indexed image."""
+        stmt = (
+            select(ImageRecord.id, Embedding.vector)
+            .join(Embedding, Embedding.content_hash == ImageRecord.content_hash)
+            .where(Embedding.model_id == model_id, ImageRecord.state == STATE_INDEXED)
+            .order_by(ImageRecord.id)
+        )
+        ids: list[int] = []
+        blobs: list[bytes] = []
+        with self.engine.connect() as conn:
+            for image_id, blob in conn.execute(stmt):
+                ids.append(image_id)
+                blobs.append(blob)
+        vecs = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(ids), dim)
+        return np.asarray(ids, dtype=np.int64), vecs
+
+    def indexed_ids(self, model_id: int) -> np.ndarray:
+        stmt = (
+            select(ImageRecord.id)
+            .join(Embedding, Embedding.content_hash == ImageRecord.content_hash)
+            .where(Embedding.model_id == model_id, ImageRecord.state == STATE_INDEXED)
+        )
+        with self.engine.connect() as conn:
+            return np.fromiter((r[0] for r in conn.execute(stmt)), dtype=np.int64)
+
+    def vectors_by_ids(
+        self, image_ids: Sequence[int], model_id: int, dim: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Vectors of those ids that are still indexed: (ids, vectors)."""
+        ids: list[int] = []
+        blobs: list[bytes] = []
+        with self.engine.connect() as conn:
+            for chunk in _chunks([int(i) for i in image_ids], 500):
+                stmt = (
+                    select(ImageRecord.id, Embedding.vector)
+                    .join(Embedding, Embedding.content_hash == ImageRecord.content_hash)
+                    .where(
+                        Embedding.model_id == model_id,
+                        ImageRecord.state == STATE_INDEXED,
+                        ImageRecord.id.in_(chunk),
+                    )
+                )
+                for image_id, blob in conn.execute(stmt):
+                    ids.append(image_id)
+                    blobs.append(blob)
+        vecs = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(ids), dim)
+        return np.asarray(ids, dtype=np.int64), vecs
+
+    def vector_for_path(self, path: str, model_id: int) -> np.ndarray | None:
+        stmt = (
+            select(Embedding.vector)
+            .join(ImageRecord, Embedding.content_hash == ImageRecord.content_hash)
+            .where(Embedding.model_id == model_id, ImageRecord.path == os.fsencode(path),
+                   ImageRecord.state == STATE_INDEXED)
+        )
+        with self.engine.connect() as conn:
+            blob = conn.execute(stmt).scalar()
+        return None if blob is None else np.frombuffer(blob, dtype=np.float32)
+
+    def reusable(self, content_hash: str, model_id: int) -> dict[str, Any] | None:
+        """If this content already has a vector for the model: metadata to copy, else None."""
+        with self.engine.connect() as conn:
+            has = conn.execute(
+                select(Embedding.content_hash).where(
+                    Embedding.model_id == model_id, Embedding.content_hash == content_hash
+                )
+            ).first()
+            if has is None:
+                return None
+            row = conn.execute(
+                select(
+                    ImageRecord.width, ImageRecord.height, ImageRecord.format,
+                    ImageRecord.captured_at,
+                ).where(ImageRecord.content_hash == content_hash, ImageRecord.width.is_not(None))
+            ).first()
+        if row is None:
+            return {}
+        return {"width": row[0], "height": row[1], "format": row[2], "captured_at": row[3]}
+
+    def vector_for_hash(self, content_hash: str, model_id: int) -> np.ndarray | None:
+        stmt = select(Embedding.vector).where(
+            Embedding.model_id == model_id, Embedding.content_hash == content_hash
+        )
+        with self.engine.connect() as conn:
+            blob = conn.execute(stmt).scalar()
+        return None if blob is None else np.frombuffer(blob, dtype=np.float32)
+
+    def image_id_for_path(self, path: str) -> int | None:
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(ImageRecord.id).where(ImageRecord.path == os.fsencode(path))
+            ).scalar()
+
+    def images_by_ids(self, image_ids: Sequence[int]) -> dict[int, ImageRow]:
+        out: dict[int, ImageRow] = {}
+        with self.engine.connect() as conn:
+            for chunk in _chunks([int(i) for i in image_ids], 500):
+                for r in conn.execute(select(*_ROW_COLS).where(ImageRecord.id.in_(chunk))):
+                    out[r[0]] = _image_row(r)
+        return out
+
+    def images(self, state: str | None = None) -> Iterator[ImageRow]:
+        stmt = select(*_ROW_COLS).order_by(ImageRecord.id)
+        if state is not None:
+            stmt = stmt.where(ImageRecord.state == state)
+        with self.engine.connect() as conn:
+            for r in conn.execute(stmt):
+                yield _image_row(r)
+
+    # -- reporting -------------------------------------------------------------------
+    def count_by_state(self) -> dict[str, int]:
+        counts = {s: 0 for s in STATES}
+        with self.engine.connect() as conn:
+            for state, n in conn.execute(
+                select(ImageRecord.state, func.count()).group_by(ImageRecord.state)
+            ):
+                counts[state] = n
+        return counts
+
+    def failures(self) -> list[tuple[str, str, int]]:
+        stmt = (
+            select(ImageRecord.path, ImageRecord.error, ImageRecord.attempts)
+            .where(ImageRecord.state == STATE_FAILED)
+            .order_by(ImageRecord.path)
+        )
+        with self.engine.connect() as conn:
+            return [(os.fsdecode(p), e or "", a) for p, e, a in conn.execute(stmt)]
+
+    def drop_orphan_embeddings(self) -> int:
+        """Delete vectors no image row refers to any more."""
+        used = select(ImageRecord.content_hash).where(ImageRecord.content_hash.is_not(None))
+        with self.engine.begin() as conn:
+            res = conn.execute(delete(Embedding).where(Embedding.content_hash.not_in(used)))
+        return int(res.rowcount or 0)
+
+
+def _bump_generation(conn: Any) -> None:
+    stmt = sqlite_insert(Meta).values(key=META_GENERATION, value="1")
+    conn.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[Meta.key],
+            set_={"value": cast(cast(Meta.value, Integer) + 1, Text)},
+        )
+    )
+
+
+_ROW_COLS = (
+    ImageRecord.id,
+    ImageRecord.path,
+    ImageRecord.size,
+    ImageRecord.mtime_ns,
+    ImageRecord.width,
+    ImageRecord.height,
+    ImageRecord.format,
+    ImageRecord.captured_at,
+    ImageRecord.state,
+    ImageRecord.error,
+)
+
+
+def _image_row(r: Any) -> ImageRow:
+    return ImageRow(r[0], os.fsdecode(r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9])
+
+
+def _model_from_row(m: Any) -> ModelRecord:
+    rec = ModelRecord()
+    for col in ("id", "key", "spec", "arch", "pretrained", "checkpoint_hash",
+                "open_clip_version", "dim", "created_at"):
+        setattr(rec, col, m[col] if col in m else m[getattr(ModelRecord, col)])
+    return rec
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class WriterLock:
+    """One index run per catalogue: an exclusive advisory lock on `<db>.lock`."""
+
+    def __init__(self, lock_path: Path, wait: bool = False) -> None:
+        self.lock_path = lock_path
+        self.wait = wait
+        self._fh: Any = None
+
+    def __enter__(self) -> WriterLock:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: SQLite's own locking still protects the data
+            return self
+        try:
+            self._fh = open(self.lock_path, "a+")
+        except OSError as err:
+            raise CatalogueError(f"cannot create lock file {self.lock_path}: {err.strerror}") from err
+        flags = fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(self._fh.fileno(), flags)
+        except BlockingIOError as err:
+            self._fh.seek(0)
+            holder = self._fh.read().strip() or "another process"
+            self._fh.close()
+            self._fh = None
+            raise CatalogueBusyError(
+                f"another index run is writing this catalogue (pid {holder})",
+                hint="wait for it to finish, or pass --wait to queue behind it",
+            ) from err
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(str(os.getpid()))
+        self._fh.flush()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+__all__ = ["Catalogue", "WriterLock", "StoredFile", "ImageRow", "OperationalError"]

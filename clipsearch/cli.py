@@ -1,0 +1,214 @@
+"""Typer CLI: parse -> call the library -> render; maps ClipsearchError to exit code 1."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from clipsearch.config import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, DEFAULT_TOP_K
+
+app = typer.Typer(
+    help="Find pictures by meaning: index photo folders, then search them by text or example.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+DbOpt = Annotated[
+    Optional[Path],
+    typer.Option("--db", help="Catalogue file or folder [env: CLIPSEARCH_DB; default: "
+                 "$CLIPSEARCH_HOME or $XDG_DATA_HOME/clipsearch]"),
+]
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help=f"ARCH:PRETRAINED, a bundled model name, or a local "
+                 f"checkpoint folder [env: CLIPSEARCH_MODEL; default for a new catalogue: "
+                 f"{DEFAULT_MODEL}; later: the catalogue's own]"),
+]
+DeviceOpt = Annotated[
+    Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps")
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Tracebacks for bugs")]
+
+
+def _run(fn: Any, verbose: bool) -> Any:
+    from clipsearch import console
+    from clipsearch.errors import ClipsearchError
+
+    try:
+        return fn()
+    except ClipsearchError as err:
+        console.error(err.message, err.hint)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        console.error("interrupted; finished batches are saved, the next run resumes")
+        raise typer.Exit(130) from None
+    except Exception as err:  # noqa: BLE001 - last resort: one line unless --verbose
+        if verbose:
+            raise
+        console.error(f"unexpected {type(err).__name__}: {err}",
+                      "rerun with --verbose for a traceback, and please report it")
+        raise typer.Exit(2) from None
+
+
+def _settings(db: Path | None, model: str | None = None, device: str | None = None,
+              batch_size: int | None = None, workers: int | None = None) -> Any:
+    from clipsearch.config import resolve_settings
+
+    return resolve_settings(db=db, model=model, device=device, batch_size=batch_size,
+                            workers=workers)
+
+
+@app.command()
+def index(
+    folders: Annotated[list[Path], typer.Argument(help="Folders (or files) to index")],
+    db: DbOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    batch_size: Annotated[int, typer.Option(help="Images per model batch")] = DEFAULT_BATCH_SIZE,
+    workers: Annotated[int, typer.Option(help="Decode threads (0: one per core)")] = 0,
+    include_hidden: Annotated[bool, typer.Option(help="Also index hidden files/folders")] = False,
+    include_system: Annotated[
+        bool, typer.Option(help="Also index OS metadata (._*, .Trashes, thumbnail caches)")
+    ] = False,
+    retry_failed: Annotated[bool, typer.Option(help="Retry files that failed before")] = False,
+    wait: Annotated[bool, typer.Option(help="Wait for another index run instead of refusing")
+                    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Build or update the catalogue with every image under FOLDERS."""
+    from clipsearch import console
+    from clipsearch.indexer import IndexOptions, run_index
+
+    settings = _settings(db, model, device, batch_size, workers)
+    opts = IndexOptions(include_hidden, include_system, retry_failed, wait)
+
+    def go() -> Any:
+        with console.index_progress(enabled=not quiet) as progress:
+            return run_index(
+                settings,
+                [str(f) for f in folders],
+                opts,
+                progress=progress,
+                on_model=lambda m: console.notice(f"model {m}; catalogue {settings.db_path}"),
+            )
+
+    report = _run(go, verbose)
+    console.index_summary(report)
+
+
+def _search_opts(top: int, folder: Path | None, since: str | None, until: str | None,
+                 fmt: list[str] | None, sort: str, margin: float | None) -> Any:
+    from clipsearch.search import SearchOptions, parse_date
+
+    return SearchOptions(
+        top_k=top,
+        folder=str(folder) if folder else None,
+        date_from=parse_date(since),
+        date_to=parse_date(until, end=True),
+        formats=tuple(f.upper().replace("JPG", "JPEG") for f in (fmt or [])),
+        sort=sort,
+        margin=margin,
+    )
+
+
+TopOpt = Annotated[int, typer.Option("--top", "-k", help="How many results")]
+FolderOpt = Annotated[Optional[Path], typer.Option("--folder", help="Only images under this folder")]
+SinceOpt = Annotated[Optional[str], typer.Option("--since", help="From date (YYYY[-MM[-DD]]; EXIF date, else mtime)")]
+UntilOpt = Annotated[Optional[str], typer.Option("--until", help="Until date, inclusive")]
+FormatOpt = Annotated[Optional[list[str]], typer.Option("--format", help="Only this format (JPEG, PNG, ...); repeatable")]
+SortOpt = Annotated[str, typer.Option("--sort", help="score or date (dates of the top results)")]
+MarginOpt = Annotated[Optional[float], typer.Option("--margin", help="Keep results within this score of the best")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per result")]
+PathsOpt = Annotated[bool, typer.Option("--paths", help="Paths only, one per line")]
+NulOpt = Annotated[bool, typer.Option("-0", "--null", help="With --paths: NUL-separated")]
+
+
+def _render(resp: Any, as_json: bool, paths: bool, nul: bool) -> None:
+    from clipsearch import console
+
+    console.search_results(resp, "json" if as_json else "paths" if paths or nul else "table", nul)
+
+
+@app.command(context_settings={"ignore_unknown_options": True})
+def search(
+    query: Annotated[list[str], typer.Argument(
+        help="Words and/or image paths; `-word` subtracts, `2:word` weighs (quote the query "
+             "or put it after --)")],
+    top: TopOpt = DEFAULT_TOP_K,
+    folder: FolderOpt = None,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+    fmt: FormatOpt = None,
+    sort: SortOpt = "score",
+    margin: MarginOpt = None,
+    as_json: JsonOpt = False,
+    paths: PathsOpt = False,
+    nul: NulOpt = False,
+    db: DbOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Rank indexed images by similarity to a text (or image) query."""
+    from clipsearch.search import search as run_search
+
+    def go() -> Any:
+        opts = _search_opts(top, folder, since, until, fmt, sort, margin)
+        return run_search(_settings(db, model, device), query, opts)
+
+    _render(_run(go, verbose), as_json, paths, nul)
+
+
+@app.command()
+def similar(
+    image: Annotated[Path, typer.Argument(help="An image file, indexed or not")],
+    top: TopOpt = DEFAULT_TOP_K,
+    folder: FolderOpt = None,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+    fmt: FormatOpt = None,
+    sort: SortOpt = "score",
+    margin: MarginOpt = None,
+    as_json: JsonOpt = False,
+    paths: PathsOpt = False,
+    nul: NulOpt = False,
+    db: DbOpt = None,
+    device: DeviceOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Images most like IMAGE (the image itself is left out)."""
+    from clipsearch.search import similar as run_similar
+
+    def go() -> Any:
+        opts = _search_opts(top, folder, since, until, fmt, sort, margin)
+        return run_similar(_settings(db, None, device), str(image), opts)
+
+    _render(_run(go, verbose), as_json, paths, nul)
+
+
+@app.command()
+def status(
+    as_json: JsonOpt = False,
+    db: DbOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Counts per state, model, index and failures of a catalogue."""
+    from clipsearch import console
+    from clipsearch.status import catalogue_status
+
+    data = _run(lambda: catalogue_status(_settings(db)), verbose)
+    console.status_report(data, as_json)
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,72 @@
+"""Settings: one resolution point (CLI flag > CLIPSEARCH_* environment > default)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL = "ViT-B-32-256:datacomp_s34b_b86k"
+BUNDLED_MODEL = "emoji-mini"
+DEFAULT_TOP_K = 10
+DEFAULT_BATCH_SIZE = 32
+CATALOGUE_FILENAME = "catalogue.sqlite3"
+INDEX_FILENAME = "index.faiss"
+FLAT_INDEX_MAX_IMAGES = 50_000
+ENV_PREFIX = "CLIPSEARCH_"
+
+
+def default_home() -> Path:
+    """Per-user data folder: $CLIPSEARCH_HOME, else $XDG_DATA_HOME/clipsearch."""
+    explicit = os.environ.get(ENV_PREFIX + "HOME")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg).expanduser() / "clipsearch"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the catalogue lives and how to run the model."""
+
+    db_path: Path
+    model: str | None = None
+    device: str = "auto"
+    batch_size: int = DEFAULT_BATCH_SIZE
+    workers: int = 0
+
+    @property
+    def index_path(self) -> Path:
+        return self.db_path.with_name(self.db_path.stem + ".faiss")
+
+    @property
+    def lock_path(self) -> Path:
+        return self.db_path.with_name(self.db_path.name + ".lock")
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(ENV_PREFIX + name)
+    return value if value else None
+
+
+def resolve_settings(
+    db: Path | None = None,
+    model: str | None = None,
+    device: str | None = None,
+    batch_size: int | None = None,
+    workers: int | None = None,
+) -> Settings:
+    """Merge CLI values over CLIPSEARCH_* environment over defaults."""
+    db_value = db or (Path(v) if (v := _env("DB")) else None)
+    if db_value is None:
+        db_value = default_home() / CATALOGUE_FILENAME
+    db_value = Path(db_value).expanduser()
+    if db_value.is_dir():
+        db_value = db_value / CATALOGUE_FILENAME
+    return Settings(
+        db_path=db_value,
+        model=model or _env("MODEL"),
+        device=device or _env("DEVICE") or "auto",
+        batch_size=batch_size or int(_env("BATCH_SIZE") or DEFAULT_BATCH_SIZE),
+        workers=workers if workers is not None else int(_env("WORKERS") or 0),
+    )

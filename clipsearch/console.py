@@ -1,0 +1,191 @@
+"""Terminal output: progress and messages on stderr; results (table / JSON / paths) on stdout."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from clipsearch.indexer import IndexReport
+    from clipsearch.search import SearchResponse
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+
+
+def shown(path: str) -> str:
+    """A printable, markup-safe path (undecodable bytes as \\xNN)."""
+    from clipsearch.crawler import display_path
+
+    return escape(display_path(path))
+
+
+def error(message: str, hint: str | None = None) -> None:
+    err.print(f"[bold red]error:[/] {escape(message)}")
+    if hint:
+        err.print(f"[yellow]hint:[/] {escape(hint)}")
+
+
+def notice(message: str) -> None:
+    err.print(f"[dim]{escape(message)}[/]")
+
+
+@contextmanager
+def index_progress(enabled: bool = True) -> Iterator[Any]:
+    """A rich progress bar with images/s and ETA; yields a callback(stage, done, total)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    if not enabled:
+        yield None
+        return
+
+    class Rate(TextColumn):
+        def render(self, task: Any) -> Any:  # images/s
+            from rich.text import Text
+
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:6.1f} img/s" if speed else "   -- img/s", style="cyan")
+
+    progress = Progress(
+        TextColumn("[bold]indexing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        Rate(""),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+    )
+    tasks: dict[str, Any] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(stage, total=total)
+        progress.update(tasks[stage], completed=done, total=total)
+
+    with progress:
+        yield update
+
+
+def index_summary(report: IndexReport) -> None:
+    table = Table(title="index summary", show_header=False, title_justify="left")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    rows = [
+        ("new", report.new),
+        ("changed", report.changed),
+        ("unchanged", report.unchanged),
+        ("moved / duplicate (vector reused)", report.reused),
+        ("missing (deleted)", report.missing),
+        ("failed", report.failed_total),
+    ]
+    for name, n in rows:
+        table.add_row(name, str(n))
+    for reason, n in sorted(report.failed.items()):
+        table.add_row(f"  failed: {escape(reason)}", str(n))
+    table.add_row("indexed in catalogue", str(report.indexed_total))
+    err.print(table)
+    for p in report.problems:
+        err.print(f"[yellow]skipped:[/] {shown(p.path)}: {escape(p.reason)}")
+    err.print(
+        f"model {escape(report.model)}; index {report.index_kind}; "
+        f"{report.seconds:.1f} s"
+    )
+
+
+def _date(ts: float) -> str:
+    try:
+        return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
+    except (OverflowError, OSError, ValueError):
+        return "?"
+
+
+def search_results(resp: SearchResponse, fmt: str, nul: bool = False) -> None:
+    from clipsearch.crawler import display_path
+
+    for n in resp.notices:
+        notice(n)
+    if fmt == "json":
+        for r in resp.results:
+            sys.stdout.write(
+                json.dumps(
+                    {
+                        "rank": r.rank,
+                        "score": round(r.score, 6),
+                        "path": display_path(r.path),
+                        "date": _date(r.date),
+                        "format": r.format,
+                        "width": r.width,
+                        "height": r.height,
+                        "image_id": r.image_id,
+                    }
+                )
+                + "\n"
+            )
+        sys.stdout.flush()
+        return
+    if fmt == "paths":
+        end = "\0" if nul else "\n"
+        buf = sys.stdout.buffer
+        for r in resp.results:
+            buf.write(r.path.encode(sys.getfilesystemencoding(), "surrogateescape") + end.encode())
+        buf.flush()
+        return
+    err.print(f"[dim]model {escape(resp.model)}[/]")
+    if not resp.results:
+        err.print("no results")
+        return
+    table = Table()
+    table.add_column("#", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("path", overflow="fold")
+    table.add_column("date")
+    for r in resp.results:
+        table.add_row(str(r.rank), f"{r.score:.3f}", shown(r.path), _date(r.date))
+    out.print(table)
+
+
+def status_report(data: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    table = Table(title=f"catalogue {escape(data['catalogue'])}", show_header=False,
+                  title_justify="left")
+    table.add_column("key")
+    table.add_column("value")
+    model = data["model"]
+    table.add_row("model", "none" if not model else escape(
+        model["spec"] if model["spec"] == model["key"] else f"{model['spec']} ({model['key']})"
+    ))
+    for state, n in data["counts"].items():
+        table.add_row(state, str(n))
+    table.add_row("index", f"{data['index']['kind']} ({data['index']['count']} vectors, "
+                           f"{'fresh' if data['index']['fresh'] else 'stale: rebuilt on next use'})")
+    table.add_row("roots", escape(", ".join(data["roots"]) or "none"))
+    out.print(table)
+    if data["failures"]:
+        ft = Table(title="failures")
+        ft.add_column("path", overflow="fold")
+        ft.add_column("reason")
+        ft.add_column("attempts", justify="right")
+        for f in data["failures"]:
+            ft.add_row(escape(f["path"]), escape(f["reason"]), str(f["attempts"]))
+        out.print(ft)

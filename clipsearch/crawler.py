@@ -1,0 +1,216 @@
+"""Walk folders into FileInfo records: stat only, no database, no decoding."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IMAGE_EXTENSIONS = frozenset(
+    ".jpg .jpeg .jpe .jfif .mpo .png .apng .webp .gif .bmp .dib .tif .tiff "
+    ".heic .heif .hif .avif".split()
+)
+# Extensions never sniffed for image content (saves a read per file on every run).
+NON_IMAGE_EXTENSIONS = frozenset(
+    ".txt .md .json .xml .xmp .csv .tsv .html .htm .pdf .doc .docx .xls .xlsx .zip .gz .tar "
+    ".7z .rar .mp4 .mov .avi .mkv .m4v .mts .3gp .wmv .mp3 .wav .aac .m4a .flac .ogg .aae "
+    ".ini .db .sqlite .sqlite3 .py .sh .exe .dll .so .lnk .log .thm .lrv .dng .cr2 .cr3 .nef "
+    ".arw .orf .rw2 .raf .psd .svg .ico .faiss .lock".split()
+)
+SYSTEM_NAMES = frozenset(
+    {
+        ".DS_Store",
+        ".Trashes",
+        ".Trash",
+        ".Spotlight-V100",
+        ".fseventsd",
+        ".AppleDouble",
+        ".AppleDB",
+        ".TemporaryItems",
+        "System Volume Information",
+        "$RECYCLE.BIN",
+        "Thumbs.db",
+        "ehthumbs.db",
+        "desktop.ini",
+        ".thumbnails",
+        ".thumbs",
+        "@eaDir",
+        "lost+found",
+        ".picasaoriginals",
+    }
+)
+MAGIC_BYTES_NEEDED = 32
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One candidate image file, as stat saw it."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class ScanProblem:
+    """A path the walk could not use, with a readable reason."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class ScanResult:
+    """Everything one walk found under its roots."""
+
+    files: list[FileInfo] = field(default_factory=list)
+    problems: list[ScanProblem] = field(default_factory=list)
+    skipped_hidden: int = 0
+    skipped_system: int = 0
+    skipped_not_image: int = 0
+
+
+def is_system_name(name: str) -> bool:
+    """OS metadata and system folders (AppleDouble, .DS_Store, thumbnail caches, ...)."""
+    return name in SYSTEM_NAMES or name.startswith("._")
+
+
+def sniff_image_format(head: bytes) -> str | None:
+    """Name the image format from a file's first bytes, or None if it is not an image."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[:2] == b"BM" and len(head) >= 14:
+        return "BMP"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in (b"avif", b"avis"):
+            return "AVIF"
+        if brand in (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"):
+            return "HEIF"
+    return None
+
+
+def _looks_like_image(path: str) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(MAGIC_BYTES_NEEDED)
+    except OSError:
+        return False
+    return sniff_image_format(head) is not None
+
+
+def scan_directories(
+    roots: Iterable[str | os.PathLike[str]],
+    include_hidden: bool = False,
+    include_system: bool = False,
+) -> ScanResult:
+    """Walk every root recursively; follow symbolic links without loops or duplicates.
+
+    A file is a candidate when its extension is an image extension or, for other
+    extensions, when its first bytes are an image signature.
+    """
+    result = ScanResult()
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[tuple[int, int]] = set()
+    reported: set[str] = set()
+
+    def problem(path: str, reason: str) -> None:
+        if path not in reported:
+            reported.add(path)
+            result.problems.append(ScanProblem(path, reason))
+
+    for root in roots:
+        root_path = os.path.abspath(os.fspath(root))
+        try:
+            st = os.stat(root_path)
+        except OSError as err:
+            problem(root_path, f"cannot read: {err.strerror or err}")
+            continue
+        if stat.S_ISREG(st.st_mode):
+            key = (st.st_dev, st.st_ino)
+            if key not in seen_files:
+                seen_files.add(key)
+                result.files.append(FileInfo(root_path, st.st_size, st.st_mtime_ns))
+            continue
+        stack = [root_path]
+        seen_dirs.add((st.st_dev, st.st_ino))
+        while stack:
+            folder = stack.pop()
+            try:
+                with os.scandir(folder) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError as err:
+                problem(folder, f"cannot read folder: {err.strerror or err}")
+                continue
+            subdirs: list[str] = []
+            for entry in entries:
+                name = entry.name
+                if is_system_name(name) and not include_system:
+                    result.skipped_system += 1
+                    continue
+                if name.startswith(".") and not include_hidden and not is_system_name(name):
+                    result.skipped_hidden += 1
+                    continue
+                try:
+                    est = entry.stat(follow_symlinks=True)
+                except FileNotFoundError:
+                    if entry.is_symlink():
+                        problem(entry.path, "symbolic link to nothing (dangling)")
+                    continue
+                except OSError as err:
+                    if err.errno == errno.ELOOP:
+                        problem(entry.path, "symbolic link loop")
+                    else:
+                        problem(entry.path, f"cannot stat: {err.strerror or err}")
+                    continue
+                if stat.S_ISDIR(est.st_mode):
+                    key = (est.st_dev, est.st_ino)
+                    if key not in seen_dirs:
+                        seen_dirs.add(key)
+                        subdirs.append(entry.path)
+                    continue
+                if not stat.S_ISREG(est.st_mode):
+                    continue
+                key = (est.st_dev, est.st_ino)
+                if key in seen_files:
+                    continue
+                ext = os.path.splitext(name)[1].lower()
+                if ext not in IMAGE_EXTENSIONS:
+                    if ext in NON_IMAGE_EXTENSIONS or est.st_size == 0 or not _looks_like_image(
+                        entry.path
+                    ):
+                        result.skipped_not_image += 1
+                        continue
+                seen_files.add(key)
+                result.files.append(FileInfo(entry.path, est.st_size, est.st_mtime_ns))
+            stack.extend(reversed(subdirs))
+    return result
+
+
+def path_to_bytes(path: str) -> bytes:
+    """The file system's own bytes for a path (lossless, whatever the encoding)."""
+    return os.fsencode(path)
+
+
+def bytes_to_path(raw: bytes) -> str:
+    """Inverse of path_to_bytes."""
+    return os.fsdecode(raw)
+
+
+def display_path(path: str) -> str:
+    """A printable form of a path: undecodable bytes shown as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+__all__ = ["FileInfo", "ScanProblem", "ScanResult", "scan_directories", "sniff_image_format", "Path"]

@@ -1,0 +1,366 @@
+"""The model: resolve a model spec, load open_clip offline-first, encode images and texts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from clipsearch.config import BUNDLED_MODEL, DEFAULT_MODEL
+from clipsearch.errors import ModelError
+
+BUNDLED_MODELS_DIR = Path(__file__).parent / "models"
+WEIGHT_FILE_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+HASH_CHUNK_BYTES = 1 << 22
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identity of the weights that produce vectors; vectors of different keys never mix."""
+
+    key: str
+    spec: str
+    arch: str
+    pretrained: str | None
+    checkpoint_hash: str | None
+    open_clip_version: str
+    dim: int
+
+    def as_record(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "spec": self.spec,
+            "arch": self.arch,
+            "pretrained": self.pretrained,
+            "checkpoint_hash": self.checkpoint_hash,
+            "open_clip_version": self.open_clip_version,
+            "dim": self.dim,
+        }
+
+
+class Encoder(Protocol):
+    """What the pipeline needs from a model."""
+
+    info: ModelInfo
+    image_size: int
+
+    def preprocess(self, image: Image.Image) -> np.ndarray: ...
+
+    def encode_images(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray: ...
+
+    def token_count(self, text: str) -> int: ...
+
+    @property
+    def context_length(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class ResolvedSpec:
+    """How to build a model from a user's spec."""
+
+    spec: str
+    arch: str
+    open_clip_name: str
+    pretrained: str | None  # a tag, or None
+    weights_file: str | None
+    local_dir: str | None
+
+
+def bundled_models() -> list[str]:
+    """Short names of the models shipped inside the package."""
+    if not BUNDLED_MODELS_DIR.is_dir():
+        return []
+    return sorted(
+        p.name for p in BUNDLED_MODELS_DIR.iterdir() if (p / "open_clip_config.json").is_file()
+    )
+
+
+def _offline_hint() -> str:
+    names = bundled_models()
+    if names:
+        return (
+            f"offline? use the bundled model (`--model {names[0]}`) or a local checkpoint folder "
+            "(`--model PATH`); vectors from different models are never mixed"
+        )
+    return "offline? pass a local checkpoint folder with --model PATH"
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(HASH_CHUNK_BYTES):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _weights_in_dir(folder: Path) -> Path | None:
+    for name in WEIGHT_FILE_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def resolve_spec(spec: str | None) -> ResolvedSpec:
+    """Turn `emoji-mini`, `PATH`, `local-dir:PATH`, `ARCH:TAG` or `ARCH:FILE` into a plan."""
+    spec = (spec or DEFAULT_MODEL).strip()
+    if spec in bundled_models() or spec == BUNDLED_MODEL:
+        folder = BUNDLED_MODELS_DIR / spec
+        if not (folder / "open_clip_config.json").is_file():
+            raise ModelError(f"bundled model {spec!r} is not in this installation ({folder})")
+        return _local_dir(spec, folder)
+    if spec.startswith("local-dir:"):
+        return _local_dir(spec, Path(spec[len("local-dir:") :]).expanduser())
+    candidate = Path(spec).expanduser()
+    if candidate.is_dir():
+        return _local_dir(str(candidate.resolve()), candidate)
+    if ":" in spec:
+        arch, pretrained = spec.split(":", 1)
+        weights = Path(pretrained).expanduser()
+        if weights.is_file():
+            return ResolvedSpec(
+                f"{arch}:{weights.resolve()}", arch, arch, None, str(weights.resolve()), None
+            )
+        if os.sep in pretrained or pretrained.endswith((".safetensors", ".pt", ".bin")):
+            raise ModelError(f"checkpoint file not found: {pretrained}")
+        return ResolvedSpec(spec, arch, arch, pretrained, None, None)
+    if os.sep in spec or candidate.suffix:
+        raise ModelError(f"model folder not found: {spec}", hint=_offline_hint())
+    raise ModelError(
+        f"model {spec!r} names no weights",
+        hint=f"use ARCH:PRETRAINED (for example {DEFAULT_MODEL}), a checkpoint folder, "
+        f"or a bundled model ({', '.join(bundled_models()) or 'none installed'})",
+    )
+
+
+def _local_dir(spec: str, folder: Path) -> ResolvedSpec:
+    config = folder / "open_clip_config.json"
+    if not config.is_file():
+        raise ModelError(
+            f"{folder}: not a model folder (open_clip_config.json missing)", hint=_offline_hint()
+        )
+    weights = _weights_in_dir(folder)
+    if weights is None:
+        raise ModelError(f"{folder}: no weights ({' or '.join(WEIGHT_FILE_NAMES)} missing)")
+    try:
+        cfg = json.loads(config.read_text())
+        arch = str(cfg.get("name") or cfg.get("model_cfg", {}).get("name") or folder.name)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{config}: unreadable model config ({err})") from err
+    return ResolvedSpec(spec, arch, "local-dir:" + str(folder), None, str(weights), str(folder))
+
+
+def _hub_weights(arch: str, tag: str) -> tuple[str, dict[str, Any]]:
+    """Find the weights of ARCH:TAG in the hub cache, else download them once."""
+    import open_clip
+    from open_clip.pretrained import get_pretrained_cfg
+
+    if arch not in open_clip.list_models():
+        raise ModelError(f"unknown model architecture {arch!r}")
+    cfg = get_pretrained_cfg(arch, tag)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        raise ModelError(
+            f"unknown pretrained tag {tag!r} for {arch}",
+            hint=f"known tags: {', '.join(tags) or 'none'}",
+        )
+    if cfg.get("file"):
+        return str(cfg["file"]), cfg
+    hub = str(cfg.get("hf_hub") or "")
+    if not hub:
+        raise ModelError(f"{arch}:{tag} has no hub location; pass a checkpoint file instead")
+    repo, filename = os.path.split(hub)
+    names = [filename] if filename else list(WEIGHT_FILE_NAMES)
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in names:
+        cached = try_to_load_from_cache(repo, name)
+        if isinstance(cached, str) and os.path.isfile(cached):
+            return cached, cfg
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline:
+        raise ModelError(
+            f"model {arch}:{tag} is not in the local hub cache ({repo}) and HF_HUB_OFFLINE is set",
+            hint=_offline_hint(),
+        )
+    from huggingface_hub import hf_hub_download
+
+    last: Exception | None = None
+    for name in names:
+        try:
+            return hf_hub_download(repo_id=repo, filename=name), cfg
+        except Exception as err:  # noqa: BLE001 - reported below as one line
+            last = err
+    reason = str(last).splitlines()[0] if last else "unknown error"
+    raise ModelError(
+        f"cannot download model {arch}:{tag} from the Hugging Face hub ({repo}): {reason[:160]}",
+        hint=_offline_hint(),
+    )
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device != "auto":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ModelError(f"--device {device}: CUDA is not available here")
+        if device == "mps" and not torch.backends.mps.is_available():
+            raise ModelError("--device mps: MPS is not available here")
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU runs bf16 matrix maths natively (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def pick_precision(device: str, precision: str = "auto") -> str:
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda"):
+        return "fp16"
+    if device == "cpu" and cpu_has_fast_bf16():
+        return "bf16"
+    return "fp32"
+
+
+class OpenClipEncoder:
+    """An open_clip model on one device and precision, with numpy in and out."""
+
+    def __init__(self, spec: str | None = None, device: str = "auto", precision: str = "auto"):
+        resolved = resolve_spec(spec)
+        import torch
+
+        import open_clip
+
+        if os.environ.get("CLIPSEARCH_THREADS"):
+            torch.set_num_threads(int(os.environ["CLIPSEARCH_THREADS"]))
+        self.device = pick_device(device)
+        self.precision = pick_precision(self.device, precision)
+        pretrained_cfg: dict[str, Any] = {}
+        weights = resolved.weights_file
+        if resolved.pretrained is not None:
+            weights, pretrained_cfg = _hub_weights(resolved.arch, resolved.pretrained)
+        kwargs: dict[str, Any] = {}
+        for src, dst in (("mean", "image_mean"), ("std", "image_std"),
+                         ("interpolation", "image_interpolation"),
+                         ("resize_mode", "image_resize_mode")):
+            if pretrained_cfg.get(src):
+                kwargs[dst] = pretrained_cfg[src]
+        try:
+            if resolved.local_dir is not None:
+                model = open_clip.create_model(resolved.open_clip_name, device="cpu")
+                tokenizer = open_clip.get_tokenizer(resolved.open_clip_name)
+            else:
+                model = open_clip.create_model(
+                    resolved.arch, pretrained=weights, device="cpu", **kwargs
+                )
+                tokenizer = open_clip.get_tokenizer(resolved.arch)
+        except ModelError:
+            raise
+        except Exception as err:  # noqa: BLE001 - open_clip raises many kinds
+            msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ModelError(f"cannot load model {resolved.spec}: {msg[:200]}",
+                             hint=_offline_hint()) from err
+        model.eval()
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+            self.precision
+        ]
+        self._dtype = dtype
+        self.model = model.to(device=self.device, dtype=dtype)
+        self.tokenizer = tokenizer
+        pp = getattr(model.visual, "preprocess_cfg", {}) or {}
+        size = pp.get("size", getattr(model.visual, "image_size", 224))
+        self.image_size = int(size[0] if isinstance(size, (list, tuple)) else size)
+        self._mean = np.asarray(pp.get("mean", (0.48145466, 0.4578275, 0.40821073)), np.float32)
+        self._std = np.asarray(pp.get("std", (0.26862954, 0.26130258, 0.27577711)), np.float32)
+        self._resample = (
+            Image.Resampling.BILINEAR
+            if pp.get("interpolation") == "bilinear"
+            else Image.Resampling.BICUBIC
+        )
+        with torch.inference_mode():
+            probe = self.model.encode_text(self._tokens(["a"]))
+        dim = int(probe.shape[-1])
+        digest = file_digest(weights) if weights and resolved.pretrained is None else None
+        if resolved.pretrained is not None:
+            key = f"{resolved.arch}:{resolved.pretrained}"
+        else:
+            key = f"{resolved.arch}@sha256:{digest[:16] if digest else 'none'}"
+        self.info = ModelInfo(
+            key=key,
+            spec=resolved.spec,
+            arch=resolved.arch,
+            pretrained=resolved.pretrained,
+            checkpoint_hash=digest,
+            open_clip_version=open_clip.__version__,
+            dim=dim,
+        )
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.tokenizer, "context_length", 77))
+
+    def _tokens(self, texts: list[str]) -> Any:
+        return self.tokenizer(texts).to(self.device)
+
+    def token_count(self, text: str) -> int:
+        encode = getattr(self.tokenizer, "encode", None)
+        if encode is None:
+            return 0
+        return len(encode(text)) + 2  # start and end tokens
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """Resize the shortest side to the model's size, centre-crop, normalise: [3, S, S]."""
+        size = self.image_size
+        w, h = image.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        resized = image.resize((nw, nh), self._resample, reducing_gap=3.0)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        crop = resized.crop((left, top, left + size, top + size))
+        arr = np.asarray(crop, dtype=np.float32) * (1.0 / 255.0)
+        arr = (arr - self._mean) / self._std
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+    def encode_images(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).to(device=self.device, dtype=self._dtype)
+            out = self.model.encode_image(x, normalize=True)
+        return _normalised(out.float().cpu().numpy())
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model.encode_text(self._tokens(texts), normalize=True)
+        return _normalised(out.float().cpu().numpy())
+
+
+def _normalised(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def load_encoder(spec: str | None, device: str = "auto", precision: str = "auto") -> Encoder:
+    """Load the model a spec names (see resolve_spec); raises ModelError with a hint."""
+    return OpenClipEncoder(spec, device=device, precision=precision)

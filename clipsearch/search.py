@@ -1,0 +1,338 @@
+"""Queries: parse terms, embed them, ANN search, exact re-rank, filters, sorting."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import numpy as np
+
+from clipsearch.catalogue.models import STATE_INDEXED
+from clipsearch.catalogue.store import Catalogue, ImageRow, WriterLock
+from clipsearch.config import Settings
+from clipsearch.encoder import Encoder, ModelInfo, load_encoder, resolve_spec
+from clipsearch.errors import (
+    CatalogueBusyError,
+    CatalogueError,
+    ClipsearchError,
+    ImageError,
+    ModelMismatchError,
+    UsageError,
+)
+from clipsearch.imaging import decode_file
+from clipsearch.indexer import ensure_index
+from clipsearch.vector_index import candidate_count, search_index
+
+EncoderFactory = Callable[[str | None], Encoder]
+_WEIGHT = re.compile(r"^(\d+(?:\.\d+)?):(.*)$")
+
+
+@dataclass(frozen=True)
+class QueryTerm:
+    """One part of a query: text or an image file, with a signed weight."""
+
+    weight: float
+    text: str | None = None
+    image_path: str | None = None
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """Result count, filters and ordering."""
+
+    top_k: int = 10
+    folder: str | None = None
+    date_from: float | None = None
+    date_to: float | None = None
+    formats: tuple[str, ...] = ()
+    sort: str = "score"
+    margin: float | None = None
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    rank: int
+    score: float
+    path: str
+    date: float
+    image_id: int
+    format: str | None
+    width: int | None
+    height: int | None
+
+
+@dataclass
+class SearchResponse:
+    results: list[SearchResult]
+    model: str
+    notices: list[str] = field(default_factory=list)
+
+
+def parse_query(parts: Sequence[str]) -> list[QueryTerm]:
+    """Split arguments into weighted terms.
+
+    Within one argument, words join into one term until a word starting with `+`, `-` or
+    `W:` (a weight) starts the next one: `beach -people 2:sunset`. An existing file path
+    is an image term.
+    """
+    terms: list[QueryTerm] = []
+    for part in parts:
+        if not part.strip():
+            continue
+        if os.path.isfile(part):
+            terms.append(QueryTerm(1.0, image_path=part))
+            continue
+        current: list[str] = []
+        weight = 1.0
+
+        def close() -> None:
+            text = " ".join(current).strip()
+            if text:
+                if os.path.isfile(text):
+                    terms.append(QueryTerm(weight, image_path=text))
+                else:
+                    terms.append(QueryTerm(weight, text=text))
+
+        for word in part.split():
+            sign = 0.0
+            if word[0] in "+-" and len(word) > 1:
+                sign = -1.0 if word[0] == "-" else 1.0
+                word = word[1:]
+            m = _WEIGHT.match(word)
+            if sign or m:
+                close()
+                current = []
+                weight = sign or 1.0
+                if m:
+                    weight *= float(m.group(1))
+                    word = m.group(2)
+                if word:
+                    current.append(word)
+            else:
+                current.append(word)
+        close()
+    if not terms:
+        raise UsageError("empty query: give words to search for, or an image path")
+    if all(t.weight <= 0 for t in terms):
+        raise UsageError("the query has only negative terms: add something to look for")
+    return terms
+
+
+def parse_date(text: str | None, end: bool = False) -> float | None:
+    """YYYY, YYYY-MM or YYYY-MM-DD into unix seconds (the end of the period with end=True)."""
+    if not text:
+        return None
+    for fmt, step in (("%Y-%m-%d", "day"), ("%Y-%m", "month"), ("%Y", "year")):
+        try:
+            start = datetime.strptime(text, fmt)
+        except ValueError:
+            continue
+        if not end:
+            return start.timestamp()
+        if step == "day":
+            nxt = start + timedelta(days=1)
+        elif step == "month":
+            nxt = start.replace(year=start.year + start.month // 12, month=start.month % 12 + 1)
+        else:
+            nxt = start.replace(year=start.year + 1)
+        return nxt.timestamp() - 1e-6
+    raise UsageError(f"bad date {text!r}: use YYYY, YYYY-MM or YYYY-MM-DD")
+
+
+class _Session:
+    """A catalogue, its model and (lazily) the encoder and the index, for one query."""
+
+    def __init__(self, settings: Settings, factory: EncoderFactory | None) -> None:
+        self.settings = settings
+        self.factory = factory or (lambda spec: load_encoder(spec, settings.device))
+        self.catalogue = Catalogue(settings.db_path, create=False)
+        active = self.catalogue.active_model()
+        if active is None:
+            self.catalogue.close()
+            raise CatalogueError(
+                f"{settings.db_path}: nothing indexed yet",
+                hint="run `clipsearch index FOLDER` first",
+            )
+        if settings.model and settings.model != active.spec:
+            try:
+                same = resolve_spec(settings.model).spec == active.spec
+            except ClipsearchError:
+                same = False
+            if not same:
+                self.catalogue.close()
+                raise ModelMismatchError(
+                    f"this catalogue was built with {active.spec}; its vectors cannot be "
+                    f"compared with {settings.model}",
+                    hint="drop --model (the catalogue remembers its model) or use the --db "
+                    "built with that model",
+                )
+        self.model_id = active.id
+        self.info = ModelInfo(active.key, active.spec, active.arch, active.pretrained,
+                              active.checkpoint_hash, active.open_clip_version, active.dim)
+        self._encoder: Encoder | None = None
+
+    @property
+    def model_label(self) -> str:
+        return self.info.key if self.info.spec == self.info.key else (
+            f"{self.info.spec} ({self.info.key})"
+        )
+
+    def encoder(self) -> Encoder:
+        if self._encoder is None:
+            enc = self.factory(self.info.spec)
+            if enc.info.key != self.info.key:
+                raise ModelMismatchError(
+                    f"model {self.info.spec} now loads as {enc.info.key}, but the catalogue "
+                    f"was built with {self.info.key}",
+                    hint="restore the original weights, or re-index into a new --db",
+                )
+            self._encoder = enc
+        return self._encoder
+
+    def index(self):  # type: ignore[no-untyped-def]
+        write = not self.catalogue.readonly
+        if write:
+            try:
+                with WriterLock(self.settings.lock_path, wait=False):
+                    return ensure_index(self.catalogue, self.settings, self.info, self.model_id)
+            except (CatalogueBusyError, CatalogueError):
+                pass
+        return ensure_index(self.catalogue, self.settings, self.info, self.model_id, write=False)
+
+    def image_vector(self, path: str, notices: list[str]) -> np.ndarray:
+        abspath = os.path.abspath(path)
+        stored = self.catalogue.files_under([abspath]).get(abspath)
+        if stored is not None and stored.state == STATE_INDEXED:
+            st = os.stat(abspath)
+            if st.st_size == stored.size and st.st_mtime_ns == stored.mtime_ns:
+                vec = self.catalogue.vector_for_path(abspath, self.model_id)
+                if vec is not None:
+                    return vec
+        enc = self.encoder()
+        try:
+            decoded = decode_file(abspath, enc.image_size)
+        except ImageError as err:
+            raise UsageError(f"{path}: {err.message}") from err
+        return enc.encode_images(enc.preprocess(decoded.image)[None])[0]
+
+    def close(self) -> None:
+        self.catalogue.close()
+
+
+def _query_vector(session: _Session, terms: list[QueryTerm], notices: list[str]) -> np.ndarray:
+    total = np.zeros(session.info.dim, dtype=np.float32)
+    texts = [t for t in terms if t.text is not None]
+    if texts:
+        enc = session.encoder()
+        for t in texts:
+            assert t.text is not None
+            n = enc.token_count(t.text)
+            if n > enc.context_length:
+                notices.append(
+                    f"query {t.text[:40]!r}... is {n} tokens; the model reads the first "
+                    f"{enc.context_length}"
+                )
+        vecs = enc.encode_texts([t.text or "" for t in texts])
+        for t, v in zip(texts, vecs):
+            total += t.weight * v
+    for t in terms:
+        if t.image_path is not None:
+            total += t.weight * session.image_vector(t.image_path, notices)
+    norm = float(np.linalg.norm(total))
+    if norm < 1e-9:
+        raise UsageError("the query terms cancel out: nothing left to search for")
+    return total / norm
+
+
+def _filtered(opts: SearchOptions) -> bool:
+    return bool(opts.folder or opts.date_from is not None or opts.date_to is not None
+                or opts.formats)
+
+
+def _passes(row: ImageRow, opts: SearchOptions) -> bool:
+    if opts.folder:
+        folder = os.path.abspath(opts.folder).rstrip(os.sep) + os.sep
+        if not row.path.startswith(folder):
+            return False
+    if opts.formats and (row.format or "").upper() not in opts.formats:
+        return False
+    if opts.date_from is not None and row.date < opts.date_from:
+        return False
+    if opts.date_to is not None and row.date > opts.date_to:
+        return False
+    return True
+
+
+def _rank(session: _Session, qvec: np.ndarray, opts: SearchOptions, exclude: set[int]
+          ) -> list[SearchResult]:
+    if opts.top_k <= 0:
+        raise UsageError("--top must be at least 1")
+    cat = session.catalogue
+    want = opts.top_k + len(exclude)
+    if _filtered(opts):
+        rows = {r.image_id: r for r in cat.images(STATE_INDEXED) if _passes(r, opts)}
+        ids, vecs = cat.vectors_by_ids(list(rows), session.model_id, session.info.dim)
+    else:
+        vi = session.index()
+        _, cand = search_index(vi, qvec[None], candidate_count(want, vi))
+        cand_ids = [int(i) for i in cand[0] if i >= 0]
+        ids, vecs = cat.vectors_by_ids(cand_ids, session.model_id, session.info.dim)
+        rows = {}
+    scores = vecs @ qvec if len(ids) else np.zeros(0, np.float32)
+    order = np.argsort(-scores, kind="stable")
+    chosen: list[tuple[int, float]] = []
+    for j in order:
+        image_id = int(ids[j])
+        if image_id in exclude:
+            continue
+        chosen.append((image_id, float(scores[j])))
+        if len(chosen) >= opts.top_k:
+            break
+    if opts.margin is not None and chosen:
+        best = chosen[0][1]
+        chosen = [(i, s) for i, s in chosen if s >= best - opts.margin]
+    if not rows:
+        rows = cat.images_by_ids([i for i, _ in chosen])
+    results = [
+        SearchResult(0, s, rows[i].path, rows[i].date, i, rows[i].format, rows[i].width,
+                     rows[i].height)
+        for i, s in chosen
+        if i in rows
+    ]
+    if opts.sort == "date":
+        results.sort(key=lambda r: r.date)
+    elif opts.sort != "score":
+        raise UsageError(f"--sort {opts.sort!r}: use score or date")
+    return [SearchResult(n + 1, r.score, r.path, r.date, r.image_id, r.format, r.width,
+                         r.height) for n, r in enumerate(results)]
+
+
+def search(settings: Settings, parts: Sequence[str], opts: SearchOptions = SearchOptions(),
+           encoder_factory: EncoderFactory | None = None) -> SearchResponse:
+    """Rank indexed images by cosine similarity to a text/image query."""
+    terms = parse_query(parts)
+    session = _Session(settings, encoder_factory)
+    try:
+        notices: list[str] = []
+        qvec = _query_vector(session, terms, notices)
+        exclude = set()
+        for t in terms:
+            if t.image_path is not None and t.weight > 0:
+                image_id = session.catalogue.image_id_for_path(os.path.abspath(t.image_path))
+                if image_id is not None:
+                    exclude.add(image_id)
+        results = _rank(session, qvec, opts, exclude)
+        return SearchResponse(results, session.model_label, notices)
+    finally:
+        session.close()
+
+
+def similar(settings: Settings, image: str, opts: SearchOptions = SearchOptions(),
+            encoder_factory: EncoderFactory | None = None) -> SearchResponse:
+    """Images most like IMAGE (indexed or not); the image itself is never its own hit."""
+    if not os.path.isfile(image):
+        raise UsageError(f"{image}: no such file")
+    return search(settings, [image], opts, encoder_factory)

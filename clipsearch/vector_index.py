@@ -1,0 +1,222 @@
+"""The only module that imports faiss: build (Flat / IVF-PQ), update, search, save, load."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipsearch.config import FLAT_INDEX_MAX_IMAGES
+from clipsearch.errors import IndexError_
+
+FILE_MAGIC = b"CLIPSRCHIDX1"
+KIND_FLAT = "flat"
+KIND_IVFPQ = "ivfpq"
+IVF_MIN_POINTS_PER_LIST = 39
+IVF_TRAIN_MAX_POINTS = 200_000
+RERANK_MIN_CANDIDATES = 200
+RERANK_FACTOR = 20
+
+
+@dataclass
+class VectorIndex:
+    """A FAISS index keyed by catalogue image ids, plus what it was built from."""
+
+    index: Any
+    kind: str
+    dim: int
+    model_key: str
+    generation: int
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    nprobe: int = 1
+
+    @property
+    def count(self) -> int:
+        return int(self.ids.size)
+
+
+def choose_kind(n: int, threshold: int = FLAT_INDEX_MAX_IMAGES) -> str:
+    """Exact search while small; IVF-PQ once the collection is large."""
+    return KIND_FLAT if n < threshold else KIND_IVFPQ
+
+
+def ivfpq_params(n: int, dim: int) -> tuple[int, int, int]:
+    """(nlist, pq_subquantizers, nprobe) derived from collection size and dimension."""
+    nlist = int(round(4 * math.sqrt(max(n, 1))))
+    nlist = max(1, min(nlist, n // IVF_MIN_POINTS_PER_LIST, 65536))
+    m = dim // 8
+    while m > 1 and dim % m:
+        m -= 1
+    nprobe = max(1, min(nlist, max(16, nlist // 8)))
+    return nlist, m, nprobe
+
+
+def _faiss() -> Any:
+    import faiss
+
+    return faiss
+
+
+def build_index(
+    ids: np.ndarray,
+    vectors: np.ndarray,
+    model_key: str,
+    generation: int,
+    kind: str = "auto",
+    seed: int = 1234,
+) -> VectorIndex:
+    """Build a fresh index over L2-normalised vectors (cosine = inner product)."""
+    faiss = _faiss()
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, dim = vectors.shape
+    if kind == "auto":
+        kind = choose_kind(n)
+    if kind == KIND_IVFPQ and n < IVF_MIN_POINTS_PER_LIST * 4:
+        kind = KIND_FLAT
+    nprobe = 1
+    if kind == KIND_FLAT:
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    else:
+        nlist, m, nprobe = ivfpq_params(n, dim)
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(seed)
+        sample = vectors
+        if n > IVF_TRAIN_MAX_POINTS:
+            sample = vectors[np.sort(rng.choice(n, IVF_TRAIN_MAX_POINTS, replace=False))]
+        index.cp.seed = seed
+        index.pq.cp.seed = seed if hasattr(index.pq, "cp") else seed
+        index.train(sample)
+        index.nprobe = nprobe
+    if n:
+        index.add_with_ids(vectors, ids)
+    return VectorIndex(index, kind, dim, model_key, generation, np.sort(ids), nprobe)
+
+
+def update_index(
+    vi: VectorIndex,
+    add_ids: np.ndarray,
+    add_vectors: np.ndarray,
+    remove_ids: np.ndarray,
+    generation: int,
+) -> None:
+    """Apply a delta in place: removed ids never come back."""
+    faiss = _faiss()
+    if remove_ids.size:
+        sel = faiss.IDSelectorBatch(np.ascontiguousarray(remove_ids, dtype=np.int64))
+        vi.index.remove_ids(sel)
+    if add_ids.size:
+        vi.index.add_with_ids(
+            np.ascontiguousarray(add_vectors, dtype=np.float32),
+            np.ascontiguousarray(add_ids, dtype=np.int64),
+        )
+    keep = np.setdiff1d(vi.ids, remove_ids, assume_unique=False)
+    vi.ids = np.union1d(keep, add_ids.astype(np.int64))
+    vi.generation = generation
+
+
+def candidate_count(k: int, vi: VectorIndex) -> int:
+    """How many ANN candidates to fetch for k exact results."""
+    if vi.kind == KIND_FLAT:
+        return k
+    return max(RERANK_MIN_CANDIDATES, RERANK_FACTOR * k)
+
+
+def search_index(vi: VectorIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (scores, ids) per query; FAISS's -1 padding is removed by callers via ids >= 0."""
+    if vi.count == 0 or k <= 0:
+        q = len(queries)
+        return np.zeros((q, 0), np.float32), np.zeros((q, 0), np.int64)
+    k = min(k, vi.count)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if vi.kind == KIND_IVFPQ:
+        vi.index.nprobe = vi.nprobe
+    scores, ids = vi.index.search(queries, k)
+    return scores, ids
+
+
+def exact_search(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-k by inner product (the reference for recall)."""
+    faiss = _faiss()
+    flat = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
+    flat.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.ascontiguousarray(ids, np.int64))
+    return flat.search(np.ascontiguousarray(queries, np.float32), min(k, len(ids)))
+
+
+def save_index(vi: VectorIndex, path: Path) -> None:
+    """Write atomically: temp file in the same folder, fsync, rename."""
+    faiss = _faiss()
+    header = json.dumps(
+        {
+            "kind": vi.kind,
+            "dim": vi.dim,
+            "model_key": vi.model_key,
+            "generation": vi.generation,
+            "count": vi.count,
+            "nprobe": vi.nprobe,
+        }
+    ).encode()
+    blob = faiss.serialize_index(vi.index).tobytes()
+    ids = np.ascontiguousarray(vi.ids, dtype="<i8").tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(FILE_MAGIC)
+            fh.write(struct.pack("<QQQ", len(header), len(ids), len(blob)))
+            fh.write(header)
+            fh.write(ids)
+            fh.write(blob)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise IndexError_(f"cannot write index {path}: {err.strerror or err}") from err
+
+
+def load_index(path: Path) -> VectorIndex | None:
+    """Read an index file; None when it is missing, truncated or damaged (rebuild it)."""
+    faiss = _faiss()
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    try:
+        if not data.startswith(FILE_MAGIC):
+            return None
+        off = len(FILE_MAGIC)
+        hlen, ilen, blen = struct.unpack_from("<QQQ", data, off)
+        off += 24
+        if off + hlen + ilen + blen != len(data):
+            return None
+        header = json.loads(data[off : off + hlen])
+        off += hlen
+        ids = np.frombuffer(data, dtype="<i8", count=ilen // 8, offset=off).astype(np.int64)
+        off += ilen
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8, offset=off))
+        if index.ntotal != ids.size or index.d != header["dim"]:
+            return None
+        return VectorIndex(
+            index,
+            header["kind"],
+            int(header["dim"]),
+            header["model_key"],
+            int(header["generation"]),
+            ids,
+            int(header.get("nprobe", 1)),
+        )
+    except Exception:  # noqa: BLE001 - any damage means: rebuild from the catalogue
+        return None

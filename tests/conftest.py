@@ -1,0 +1,88 @@
+"""Shared fixtures: a temp data dir per test, a tiny random open_clip model, image factory."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+TINY_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
+                   "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
+                 "layers": 1},
+}
+
+
+def save_tiny_model(folder: Path, seed: int = 0) -> Path:
+    """A random-weight open_clip model in the local-dir layout clipsearch loads."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**TINY_CFG)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "open_clip_model.safetensors"))
+    cfg = {"model_cfg": TINY_CFG,
+           "preprocess_cfg": {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}
+    (folder / "open_clip_config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_model: str):  # type: ignore[no-untyped-def]
+    from clipsearch.encoder import load_encoder
+
+    return load_encoder(tiny_model, device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLIPSEARCH_HOME", str(tmp_path / "home"))
+    for name in ("CLIPSEARCH_DB", "CLIPSEARCH_MODEL", "CLIPSEARCH_DEVICE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, tiny_model: str):  # type: ignore[no-untyped-def]
+    from clipsearch.config import resolve_settings
+
+    return resolve_settings(db=tmp_path / "cat" / "catalogue.sqlite3", model=tiny_model,
+                            batch_size=4, workers=2)
+
+
+@pytest.fixture
+def make_image(tmp_path: Path) -> Callable[..., Path]:
+    """Write a small picture: distinct colours and shapes per seed."""
+
+    def make(rel: str, seed: int = 0, size: tuple[int, int] = (48, 40), fmt: str | None = None,
+             root: Path | None = None) -> Path:
+        rng = np.random.default_rng(seed)
+        arr = np.zeros((size[1], size[0], 3), np.uint8)
+        arr[:] = rng.integers(0, 256, 3)
+        h, w = size[1], size[0]
+        y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
+        arr[y : y + h // 2, x : x + w // 2] = rng.integers(0, 256, 3)
+        path = (root or tmp_path / "photos") / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(path, format=fmt)
+        return path
+
+    return make
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
