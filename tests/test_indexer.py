@@ -1,0 +1,174 @@
+"""The index pipeline: incremental runs, moves, deletions, failures, interruption, models."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from clipsearch import indexer
+from clipsearch.catalogue.store import Catalogue
+from clipsearch.config import resolve_settings
+from clipsearch.errors import CatalogueBusyError, ModelMismatchError
+from clipsearch.indexer import run_index
+from clipsearch.catalogue.store import WriterLock
+from clipsearch.search import search
+
+
+def _states(settings) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    with Catalogue(settings.db_path) as cat:
+        return {r.path: r.state for r in cat.images()}
+
+
+def test_first_run_then_unchanged(settings, make_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    for i in range(6):
+        make_image(f"a/{i}.png", seed=i)
+    report = run_index(settings, [str(tmp_path / "photos")])
+    assert (report.new, report.encoded, report.failed_total) == (6, 6, 0)
+    assert report.indexed_total == 6
+    again = run_index(settings, [str(tmp_path / "photos")])
+    assert (again.unchanged, again.new, again.encoded) == (6, 0, 0)
+
+
+def test_unchanged_rerun_never_loads_the_model(settings, make_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    make_image("x.png")
+    run_index(settings, [str(tmp_path / "photos")])
+
+    def boom(spec: str | None):  # type: ignore[no-untyped-def]
+        raise AssertionError("model loaded for an unchanged re-run")
+
+    report = run_index(settings, [str(tmp_path / "photos")], encoder_factory=boom)
+    assert report.unchanged == 1
+
+
+def test_changed_file_is_reencoded(settings, make_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    p = make_image("c.png", seed=1)
+    run_index(settings, [str(tmp_path / "photos")])
+    make_image("c.png", seed=2)
+    os.utime(p, ns=(1, 1_000_000_000))
+    report = run_index(settings, [str(tmp_path / "photos")])
+    assert (report.changed, report.encoded) == (1, 1)
+
+
+def test_deleted_file_marked_missing_and_never_returned(settings, make_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    keep = make_image("keep.png", seed=1)
+    gone = make_image("gone.png", seed=2)
+    run_index(settings, [str(tmp_path / "photos")])
+    gone.unlink()
+    report = run_index(settings, [str(tmp_path / "photos")])
+    assert report.missing == 1
+    assert _states(settings)[str(gone)] == "missing"
+    resp = search(settings, ["anything"], )
+    assert [r.path for r in resp.results] == [str(keep)]
+
+
+def test_moved_and_duplicated_files_reuse_vectors_without_decoding(
+    settings, make_image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+) -> None:
+    src = make_image("old/p.png", seed=3)
+    run_index(settings, [str(tmp_path / "photos")])
+    moved = tmp_path / "photos" / "new" / "p-renamed.png"
+    moved.parent.mkdir()
+    shutil.move(src, moved)
+    shutil.copy(moved, tmp_path / "photos" / "new" / "copy.png")
+
+    def no_decode(*_a, **_k):  # type: ignore[no-untyped-def]
+        raise AssertionError("decoded a file whose content is already catalogued")
+
+    monkeypatch.setattr(indexer, "decode_image", no_decode)
+    report = run_index(settings, [str(tmp_path / "photos")])
+    assert (report.reused, report.encoded, report.missing) == (2, 0, 1)
+    states = _states(settings)
+    assert states[str(moved)] == "indexed" and states[str(src)] == "missing"
+    assert report.indexed_total == 2
+
+
+def test_failed_file_retried_only_when_changed(settings, make_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "photos" / "bad.jpg"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"\xff\xd8\xff" + b"junk" * 10)
+    make_image("good.png")
+    first = run_index(settings, [str(tmp_path / "photos")])
+    assert first.failed_total == 1
+    second = run_index(settings, [str(tmp_path / "photos")])
+    assert second.failed_total == 0 and second.unchanged == 2
+    retried = run_index(settings, [str(tmp_path / "photos")],
+                        indexer.IndexOptions(retry_failed=True))
+    assert retried.failed_total == 1
+    with Catalogue(settings.db_path) as cat:
+        (path, reason, attempts), = cat.failures()
+    assert path == str(bad) and attempts == 2 and reason
+    make_image("bad.jpg", fmt="JPEG")
+    os.utime(bad, ns=(1, 2_000_000_000))
+    fixed = run_index(settings, [str(tmp_path / "photos")])
+    assert fixed.changed == 1 and fixed.failed_total == 0
+
+
+def test_one_bad_file_never_shifts_another_files_vector(settings, make_image, tmp_path: Path, tiny_encoder) -> None:  # type: ignore[no-untyped-def]
+    good = [make_image(f"{i}.png", seed=10 + i) for i in range(5)]
+    (tmp_path / "photos" / "2b.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    run_index(settings, [str(tmp_path / "photos")])
+    from clipsearch.imaging import decode_file
+
+    with Catalogue(settings.db_path) as cat:
+        model = cat.active_model()
+        assert model is not None
+        for p in good:
+            stored = cat.vector_for_path(str(p), model.id)
+            img = decode_file(str(p), tiny_encoder.image_size).image
+            fresh = tiny_encoder.encode_images(tiny_encoder.preprocess(img)[None])[0]
+            assert stored is not None and float(stored @ fresh) > 0.999
+
+
+def test_interrupted_run_keeps_finished_batches_and_resumes(
+    settings, make_image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+) -> None:
+    for i in range(12):
+        make_image(f"{i:02}.png", seed=i)
+    real_flush = indexer._flush
+    calls = {"n": 0}
+
+    def flaky_flush(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_flush(*args, **kwargs)
+
+    monkeypatch.setattr(indexer, "_flush", flaky_flush)
+    with pytest.raises(KeyboardInterrupt):
+        run_index(settings, [str(tmp_path / "photos")])
+    monkeypatch.setattr(indexer, "_flush", real_flush)
+    assert sum(1 for s in _states(settings).values() if s == "indexed") == 4  # batch_size 4
+    report = run_index(settings, [str(tmp_path / "photos")])
+    assert report.unchanged == 4 and report.new == 8
+    assert report.indexed_total == 12
+
+
+def test_other_model_is_refused(settings, make_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import save_tiny_model
+
+    make_image("m.png")
+    run_index(settings, [str(tmp_path / "photos")])
+    other = save_tiny_model(tmp_path / "other-model", seed=5)
+    other_settings = resolve_settings(db=settings.db_path, model=str(other))
+    with pytest.raises(ModelMismatchError, match="built with"):
+        run_index(other_settings, [str(tmp_path / "photos")])
+    with pytest.raises(ModelMismatchError):
+        search(other_settings, ["cat"])
+
+
+def test_second_concurrent_index_run_is_refused(settings, make_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    make_image("a.png")
+    run_index(settings, [str(tmp_path / "photos")])
+    with WriterLock(settings.lock_path):
+        with pytest.raises(CatalogueBusyError, match="another index run"):
+            run_index(settings, [str(tmp_path / "photos")])
+
+
+def test_all_roots_missing_is_an_error(settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from clipsearch.errors import ClipsearchError
+
+    with pytest.raises(ClipsearchError, match="nothing to index"):
+        run_index(settings, [str(tmp_path / "nope")])

@@ -1,0 +1,176 @@
+"""Tests for clipsearch.training and the bundled emoji-mini model it produced."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from clipsearch import training
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_MODEL_DIR = REPO_ROOT / "clipsearch" / "models" / "emoji-mini"
+SAMPLE_DATA_DIR = REPO_ROOT / "sample_data"
+
+TINY_MODEL_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 30),
+    "blue": (30, 30, 220),
+    "yellow": (240, 220, 20),
+    "black": (10, 10, 10),
+    "white": (250, 250, 250),
+    "purple": (140, 30, 160),
+    "orange": (250, 140, 10),
+}
+
+
+@pytest.fixture()
+def tiny_dataset(tmp_path: Path) -> tuple[Path, list[training.CaptionedImage]]:
+    """Sixteen 32 px images (colour x shape) with two captions each, as a CSV captions file."""
+    from PIL import Image, ImageDraw
+
+    rows = []
+    for colour, rgb in COLOURS.items():
+        for shape in ("square", "circle"):
+            image = Image.new("RGBA", (32, 32), (0, 255, 0, 0))  # transparent, leftover green
+            draw = ImageDraw.Draw(image)
+            if shape == "square":
+                draw.rectangle((6, 6, 25, 25), fill=(*rgb, 255))
+            else:
+                draw.ellipse((4, 4, 27, 27), fill=(*rgb, 255))
+            name = f"{colour}-{shape}.png"
+            image.save(tmp_path / name)
+            rows += [(name, f"a {colour} {shape}"), (name, f"{colour} {shape}")]
+    captions = tmp_path / "captions.csv"
+    with captions.open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([("path", "caption"), *rows])
+    return tmp_path, training.read_captions(captions)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _train_tiny(
+    image_dir: Path,
+    images: list[training.CaptionedImage],
+    steps: int,
+    resume_path: Path | None = None,
+    stop_after: int | None = None,
+) -> tuple[object, training.TrainResult]:
+    config = training.TrainConfig(
+        steps=steps, batch_size=8, learning_rate=2e-3, warmup_steps=2, seed=1,
+        checkpoint_every_steps=2,
+    )
+
+    def on_step(step: int, total: int, loss: float, pairs_per_s: float) -> None:
+        if step == stop_after:
+            raise _Interrupted
+
+    model = training.create_model_from_config(TINY_MODEL_CFG, seed=1)
+    result = training.train_model(
+        model, TINY_MODEL_CFG, image_dir, images, config, resume_path=resume_path, on_step=on_step
+    )
+    return model, result
+
+
+def test_read_captions_groups_rows_by_image_from_csv_and_jsonl(tmp_path: Path) -> None:
+    (tmp_path / "c.jsonl").write_text(
+        '{"path": "a.png", "caption": "dog"}\n{"path": "a.png", "caption": "a dog"}\n'
+        '{"path": "b.png", "caption": "cat", "group": "cat|pet"}\n',
+        encoding="utf-8",
+    )
+    images = training.read_captions(tmp_path / "c.jsonl")
+    assert [(i.path, i.captions) for i in images] == [("a.png", ("dog", "a dog")), ("b.png", ("cat",))]
+    assert images[1].groups == {"cat", "pet"}
+    assert images[0].groups == {"a.png"}
+
+
+def test_plan_batches_never_puts_one_group_twice_in_a_batch() -> None:
+    images = [
+        training.CaptionedImage(f"{i}.png", ("x",), frozenset({f"concept{i % 6}"}))
+        for i in range(30)
+    ]
+    batches = training.plan_batches(images, batch_size=6, seed=3, epoch=0)
+    assert batches
+    for batch in batches:
+        groups = [g for index in batch for g in images[index].groups]
+        assert len(groups) == len(set(groups))
+    assert batches == training.plan_batches(images, batch_size=6, seed=3, epoch=0)
+
+
+def test_composite_rgba_replaces_leftover_colour_of_transparent_pixels() -> None:
+    from PIL import Image
+
+    image = Image.new("RGBA", (2, 1), (0, 255, 0, 0))
+    image.putpixel((1, 0), (255, 0, 0, 255))
+    rgb = training.composite_rgba(image)
+    assert rgb.mode == "RGB"
+    assert rgb.getpixel((0, 0)) == (255, 255, 255)
+    assert rgb.getpixel((1, 0)) == (255, 0, 0)
+
+
+def test_training_a_tiny_model_makes_the_loss_fall(
+    tiny_dataset: tuple[Path, list[training.CaptionedImage]],
+) -> None:
+    image_dir, images = tiny_dataset
+    steps: list[int] = []
+    config = training.TrainConfig(steps=40, batch_size=8, learning_rate=2e-3, warmup_steps=2)
+    model = training.create_model_from_config(TINY_MODEL_CFG)
+    result = training.train_model(
+        model, TINY_MODEL_CFG, image_dir, images, config,
+        on_step=lambda step, total, loss, speed: steps.append(step),
+    )
+    assert steps == list(range(1, 41))
+    first, last = result.losses[:5], result.losses[-5:]
+    assert sum(last) / 5 < 0.7 * (sum(first) / 5)
+
+
+def test_resumed_training_ends_with_the_same_weights_as_an_uninterrupted_run(
+    tiny_dataset: tuple[Path, list[training.CaptionedImage]], tmp_path: Path
+) -> None:
+    import torch
+
+    image_dir, images = tiny_dataset
+    straight, _ = _train_tiny(image_dir, images, steps=4)
+    resume = tmp_path / "resume.pt"
+    with pytest.raises(_Interrupted):
+        _train_tiny(image_dir, images, steps=4, resume_path=resume, stop_after=2)
+    assert torch.load(resume, weights_only=True)["step"] == 2
+    resumed, result = _train_tiny(image_dir, images, steps=4, resume_path=resume)
+    assert len(result.losses) == 2
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_saved_checkpoint_reloads_via_local_dir_with_identical_embeddings(
+    tiny_dataset: tuple[Path, list[training.CaptionedImage]], tmp_path: Path
+) -> None:
+    import open_clip
+    import torch
+    from PIL import Image
+
+    image_dir, images = tiny_dataset
+    model, _ = _train_tiny(image_dir, images, steps=3)
+    out = training.save_checkpoint(
+        model, TINY_MODEL_CFG, tmp_path / "ckpt", card={"name": "tiny", "metrics": {}}
+    )
+    assert json.loads((out / "clipsearch_model.json").read_text())["name"] == "tiny"
+    reloaded, preprocess, _ = open_clip.create_model_and_transforms("local-dir:" + str(out))
+    tokenizer = open_clip.get_tokenizer("local-dir:" + str(out))
+    reloaded.eval()
+    expected = training.round_to_half(model)
+    texts = tokenizer(["a red square", "blue circle"])
+    pixels = torch.stack(
+        [preprocess(training.composite_rgba(Image.open(image_dir / i.path))) for i in images[:4]]
+    )
+    with torch.no_grad():
+        assert torch.equal(reloaded.encode_text(texts), expected.encode_text(texts))
+        assert torch.equal(reloaded.encode_image(pixels), expected.encode_image(pixels))

@@ -1,0 +1,127 @@
+"""FAISS index: exact and IVF-PQ (+ exact re-rank) recall, ids, save/load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipsearch.vector_index import (
+    KIND_FLAT,
+    KIND_IVFPQ,
+    build_index,
+    candidate_count,
+    exact_search,
+    ivfpq_params,
+    load_index,
+    save_index,
+    search_index,
+    update_index,
+)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def clip_like(n_images: int, n_queries: int, dim: int, seed: int = 0
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Vectors shaped like CLIP's: concept clusters, a shared direction (images are
+    anisotropic: mean cosine between unrelated images ~0.4), and texts and images in separate
+    regions (the modality gap), images spread around their concepts, texts tighter."""
+    rng = np.random.default_rng(seed)
+    n_concepts = max(50, n_images // 40)
+    concepts = _unit(rng.standard_normal((n_concepts, dim)))
+    common = _unit(rng.standard_normal(dim))
+    image_gap = common * 1.2 + _unit(rng.standard_normal(dim)) * 0.6
+    text_gap = common * 0.6 + _unit(rng.standard_normal(dim)) * 0.6
+    noise = lambda n, s: s * _unit(rng.standard_normal((n, dim)))  # noqa: E731
+    of_image = rng.integers(0, n_concepts, n_images)
+    images = _unit(concepts[of_image] + image_gap + noise(n_images, 1.5))
+    of_text = rng.integers(0, n_concepts, n_queries)
+    texts = _unit(concepts[of_text] + text_gap + noise(n_queries, 1.0))
+    image_queries = _unit(images[rng.integers(0, n_images, n_queries)] + noise(n_queries, 0.3))
+    return images, texts, image_queries
+
+
+def test_synthetic_vectors_look_like_clip() -> None:
+    images, texts, _ = clip_like(2000, 200, 128)
+    img_img = float(np.mean(images[:500] @ images[500:1000].T))
+    txt_img = float(np.mean(texts @ images[:500].T))
+    assert 0.3 < img_img < 0.6 and 0.1 < txt_img < 0.4 and txt_img < img_img
+
+
+def _ann_rerank(vi, vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int
+                ) -> np.ndarray:
+    pos = {int(i): n for n, i in enumerate(ids)}
+    _, cand = search_index(vi, queries, candidate_count(k, vi))
+    out = []
+    for q, row in zip(queries, cand):
+        row = [int(i) for i in row if i >= 0]
+        scores = vectors[[pos[i] for i in row]] @ q
+        out.append([row[j] for j in np.argsort(-scores)[:k]])
+    return np.asarray(out)
+
+
+def _recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
+
+
+@pytest.mark.parametrize(
+    "n,dim", [(8_000, 128), pytest.param(100_000, 512, marks=pytest.mark.slow)]
+)
+def test_ivfpq_recall_text_and_image_queries(n: int, dim: int) -> None:
+    images, texts, image_queries = clip_like(n, 100, dim)
+    ids = np.arange(1000, 1000 + n, dtype=np.int64)
+    vi = build_index(ids, images, "m", 1, kind=KIND_IVFPQ)
+    assert vi.kind == KIND_IVFPQ
+    for queries in (texts, image_queries):
+        _, truth = exact_search(images, ids, queries, 10)
+        found = _ann_rerank(vi, images, ids, queries, 10)
+        assert _recall(found, truth) >= 0.95
+
+
+def test_ivfpq_params_scale_with_n() -> None:
+    small, large = ivfpq_params(50_000, 512), ivfpq_params(1_000_000, 512)
+    assert small[0] < large[0] and small[1] == large[1] == 64
+    assert all(1 <= p[2] <= p[0] for p in (small, large))
+
+
+def test_flat_ids_are_catalogue_ids_and_k_larger_than_n() -> None:
+    images, texts, _ = clip_like(30, 3, 16)
+    ids = np.array([7, 9, 11] + list(range(100, 127)), dtype=np.int64)
+    vi = build_index(ids, images, "m", 1)
+    assert vi.kind == KIND_FLAT
+    scores, found = search_index(vi, texts, 100)
+    assert found.shape == (3, 30)
+    assert set(found[0].tolist()) == set(ids.tolist())
+    assert (found >= 0).all()
+
+
+def test_removed_ids_never_come_back(tmp_path: Path) -> None:
+    images, texts, _ = clip_like(40, 2, 16)
+    ids = np.arange(1, 41, dtype=np.int64)
+    vi = build_index(ids, images, "m", 1)
+    update_index(vi, np.zeros(0, np.int64), np.zeros((0, 16), np.float32),
+                 np.array([1, 2, 3], np.int64), 2)
+    save_index(vi, tmp_path / "i.faiss")
+    loaded = load_index(tmp_path / "i.faiss")
+    assert loaded is not None and loaded.generation == 2 and loaded.count == 37
+    _, found = search_index(loaded, texts, 100)
+    assert not ({1, 2, 3} & set(found.ravel().tolist()))
+    assert (found >= 0).all() and found.shape[1] == 37
+
+
+def test_damaged_or_missing_index_file_reads_as_none(tmp_path: Path) -> None:
+    images, _, _ = clip_like(20, 1, 16)
+    vi = build_index(np.arange(20, dtype=np.int64), images, "m", 1)
+    path = tmp_path / "i.faiss"
+    save_index(vi, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    assert load_index(path) is None
+    path.write_bytes(b"garbage" * 10)
+    assert load_index(path) is None
+    assert load_index(tmp_path / "absent.faiss") is None
+    assert not list(tmp_path.glob("*.tmp"))
