@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,9 +65,13 @@ def _train_tiny(
     steps: int,
     resume_path: Path | None = None,
     stop_after: int | None = None,
-) -> tuple[object, training.TrainResult]:
+) -> tuple[Any, training.TrainResult]:
     config = training.TrainConfig(
-        steps=steps, batch_size=8, learning_rate=2e-3, warmup_steps=2, seed=1,
+        steps=steps,
+        batch_size=8,
+        learning_rate=2e-3,
+        warmup_steps=2,
+        seed=1,
         checkpoint_every_steps=2,
     )
 
@@ -88,7 +93,10 @@ def test_read_captions_groups_rows_by_image_from_csv_and_jsonl(tmp_path: Path) -
         encoding="utf-8",
     )
     images = training.read_captions(tmp_path / "c.jsonl")
-    assert [(i.path, i.captions) for i in images] == [("a.png", ("dog", "a dog")), ("b.png", ("cat",))]
+    assert [(i.path, i.captions) for i in images] == [
+        ("a.png", ("dog", "a dog")),
+        ("b.png", ("cat",)),
+    ]
     assert images[1].groups == {"cat", "pet"}
     assert images[0].groups == {"a.png"}
 
@@ -125,7 +133,11 @@ def test_training_a_tiny_model_makes_the_loss_fall(
     config = training.TrainConfig(steps=40, batch_size=8, learning_rate=2e-3, warmup_steps=2)
     model = training.create_model_from_config(TINY_MODEL_CFG)
     result = training.train_model(
-        model, TINY_MODEL_CFG, image_dir, images, config,
+        model,
+        TINY_MODEL_CFG,
+        image_dir,
+        images,
+        config,
         on_step=lambda step, total, loss, speed: steps.append(step),
     )
     assert steps == list(range(1, 41))
@@ -146,7 +158,9 @@ def test_resumed_training_ends_with_the_same_weights_as_an_uninterrupted_run(
     assert torch.load(resume, weights_only=True)["step"] == 2
     resumed, result = _train_tiny(image_dir, images, steps=4, resume_path=resume)
     assert len(result.losses) == 2
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+    for (name, a), b in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 
@@ -174,3 +188,78 @@ def test_saved_checkpoint_reloads_via_local_dir_with_identical_embeddings(
     with torch.no_grad():
         assert torch.equal(reloaded.encode_text(texts), expected.encode_text(texts))
         assert torch.equal(reloaded.encode_image(pixels), expected.encode_image(pixels))
+
+
+@pytest.fixture()
+def no_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Hub offline, an empty hub cache, and any socket connection fails."""
+    import socket
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def _load_bundled_model() -> tuple[Any, Any, Any]:
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        "local-dir:" + str(BUNDLED_MODEL_DIR)
+    )
+    tokenizer = open_clip.get_tokenizer("local-dir:" + str(BUNDLED_MODEL_DIR))
+    return model.eval(), preprocess, tokenizer
+
+
+def test_bundled_model_loads_offline_with_its_card(no_network: None) -> None:
+    import torch
+
+    card = json.loads((BUNDLED_MODEL_DIR / "clipsearch_model.json").read_text(encoding="utf-8"))
+    assert {"name", "trained_on", "licence notes", "metrics"} <= set(card)
+    assert (BUNDLED_MODEL_DIR / "NOTICE").is_file()
+    model, _, tokenizer = _load_bundled_model()
+    with torch.no_grad():
+        features = model.encode_text(tokenizer(["a red apple"]), normalize=True)
+    assert features.shape == (1, card["architecture"]["embed_dim"])
+
+
+def test_bundled_model_ranks_each_sample_query_image_in_its_top_3(no_network: None) -> None:
+    import torch
+    from PIL import Image
+
+    with (SAMPLE_DATA_DIR / "queries.tsv").open(encoding="utf-8", newline="") as f:
+        queries = list(csv.DictReader(f, delimiter="\t"))
+    assert len(queries) >= 10
+    image_paths = sorted((SAMPLE_DATA_DIR / "emoji").glob("*.png"))
+    names = [p.relative_to(SAMPLE_DATA_DIR).as_posix() for p in image_paths]
+    model, preprocess, tokenizer = _load_bundled_model()
+    with torch.no_grad():
+        images = torch.stack(
+            [preprocess(training.composite_rgba(Image.open(p))) for p in image_paths]
+        )
+        image_features = model.encode_image(images, normalize=True)
+        text_features = model.encode_text(tokenizer([q["query"] for q in queries]), normalize=True)
+    top3 = (text_features @ image_features.T).topk(3, dim=1).indices.tolist()
+    misses = [
+        (q["query"], q["expected"], [names[i] for i in top])
+        for q, top in zip(queries, top3, strict=True)
+        if q["expected"] not in [names[i] for i in top]
+    ]
+    assert not misses
+
+
+def test_frozen_image_tower_keeps_its_weights(
+    tiny_dataset: tuple[Path, list[training.CaptionedImage]],
+) -> None:
+    import torch
+
+    image_dir, images = tiny_dataset
+    model = training.create_model_from_config(TINY_MODEL_CFG)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = training.TrainConfig(steps=2, batch_size=8, warmup_steps=1, freeze_image_tower=True)
+    training.train_model(model, TINY_MODEL_CFG, image_dir, images, config)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("visual."))
+    assert not torch.equal(before["token_embedding.weight"], after["token_embedding.weight"])

@@ -70,9 +70,12 @@ class ImageRow:
 
 def migrations_location() -> str:
     """Where the Alembic scripts are: shipped inside the package as clipsearch.migrations."""
-    import clipsearch.migrations as pkg
+    try:
+        import clipsearch.migrations as pkg
 
-    return str(Path(pkg.__file__).parent)
+        return str(Path(pkg.__file__).parent)
+    except ImportError:  # running from a source tree that is not installed
+        return str(Path(__file__).resolve().parents[2] / "migrations")
 
 
 def _alembic_config(connection: Any = None) -> Any:

@@ -1,0 +1,124 @@
+"""Decoding: every colour mode to RGB, EXIF rotation, bounded size, clear failures."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipsearch.errors import ImageError
+from clipsearch.imaging import BACKGROUND_RGB, decode_image, to_rgb
+
+
+def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:  # type: ignore[no-untyped-def]
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_alpha_is_composited_on_the_fixed_background() -> None:
+    img = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # transparent, leftover red colour
+    rgb = np.asarray(decode_image(_bytes(img, "PNG")).image)
+    assert tuple(rgb[0, 0]) == BACKGROUND_RGB
+
+
+def test_palette_with_transparency() -> None:
+    pal = Image.new("P", (4, 4), 0)
+    pal.putpalette([0, 255, 0] + [0, 0, 0] * 255)
+    rgb = np.asarray(decode_image(_bytes(pal, "PNG", transparency=0)).image)
+    assert tuple(rgb[0, 0]) == BACKGROUND_RGB
+
+
+def test_cmyk_jpeg_becomes_rgb() -> None:
+    img = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # red
+    out = decode_image(_bytes(img, "JPEG"))
+    r, g, b = np.asarray(out.image)[8, 8]
+    assert out.image.mode == "RGB" and r > 200 and g < 60 and b < 60
+
+
+def test_16_bit_grey_is_scaled_not_clipped() -> None:
+    arr = np.linspace(0, 65535, 64).astype(np.uint16).reshape(1, 64).repeat(4, 0)
+    rgb = np.asarray(decode_image(_bytes(Image.fromarray(arr), "PNG")).image)[..., 0]
+    assert rgb[0, 0] == 0 and rgb[0, -1] == 255 and 100 < rgb[0, 32] < 160
+
+
+def test_32_bit_and_float_grey_reach_rgb() -> None:
+    assert to_rgb(Image.fromarray(np.full((4, 4), 70000, np.int32))).mode == "RGB"
+    grey = np.asarray(to_rgb(Image.fromarray(np.full((4, 4), 0.5, np.float32))))
+    assert 120 <= grey[0, 0, 0] <= 135
+
+
+def test_bilevel() -> None:
+    assert decode_image(_bytes(Image.new("1", (8, 8), 1), "PNG")).image.mode == "RGB"
+
+
+def test_exif_rotation_applied_and_dimensions_after_rotation() -> None:
+    img = Image.new("RGB", (60, 20), "red")
+    img.paste((0, 0, 255), (0, 0, 10, 20))  # blue strip on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = decode_image(_bytes(img, "JPEG", exif=exif, quality=95))
+    assert (out.width, out.height) == (20, 60)
+    arr = np.asarray(out.image)
+    assert arr[2, 10, 2] > 200  # the blue strip is now on top
+
+
+def test_malformed_exif_is_ignored() -> None:
+    img = Image.new("RGB", (10, 6), "green")
+    exif = Image.Exif()
+    exif[0x0112] = 77  # nonsense orientation
+    exif[0x0132] = "not a date"
+    out = decode_image(_bytes(img, "JPEG", exif=exif))
+    assert (out.width, out.height) == (10, 6) and out.captured_at is None
+
+
+def test_capture_time_read_from_exif() -> None:
+    exif = Image.Exif()
+    exif[0x0132] = "2021:07:04 12:30:00"
+    out = decode_image(_bytes(Image.new("RGB", (8, 8)), "JPEG", exif=exif))
+    assert out.captured_at is not None
+
+
+def test_big_jpeg_decodes_at_reduced_size_and_reports_full_size() -> None:
+    data = _bytes(Image.new("RGB", (4000, 3000), "teal"), "JPEG")
+    out = decode_image(data, target=256)
+    assert (out.width, out.height) == (4000, 3000)
+    assert min(out.image.size) >= 256 and max(out.image.size) <= 1100
+
+
+def test_huge_png_is_refused_without_touching_the_global_guard() -> None:
+    before = Image.MAX_IMAGE_PIXELS
+    data = _bytes(Image.new("1", (20000, 10000)), "PNG")
+    with pytest.raises(ImageError, match="too large"):
+        decode_image(data, target=64)
+    assert Image.MAX_IMAGE_PIXELS == before
+
+
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (b"", "empty"),
+        (b"hello world, not an image", "not an image"),
+        (b"\xff\xd8\xff\xe0" + b"\0" * 30, "corrupt"),
+    ],
+)
+def test_bad_bytes_fail_with_a_reason(data: bytes, reason: str) -> None:
+    with pytest.raises(ImageError, match=reason):
+        decode_image(data)
+
+
+def test_truncated_jpeg_fails() -> None:
+    data = _bytes(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)),
+                  "JPEG")
+    with pytest.raises(ImageError, match="truncated|corrupt"):
+        decode_image(data[: len(data) // 2])
+
+
+def test_animated_gif_uses_first_frame() -> None:
+    frames = [Image.new("RGB", (8, 8), c) for c in ("red", "blue")]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    r, g, b = np.asarray(decode_image(buf.getvalue()).image)[0, 0]
+    assert r > 200 and b < 50
