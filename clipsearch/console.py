@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from clipsearch.indexer import IndexReport
     from clipsearch.search import SearchResponse
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
 

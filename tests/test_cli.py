@@ -1,0 +1,88 @@
+"""CLI contract: help, README coverage, light import, output modes, errors and exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from clipsearch.cli import app
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+COMMANDS = sorted(c.name or c.callback.__name__ for c in app.registered_commands)  # type: ignore[union-attr]
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_and_is_in_the_readme(command: str) -> None:
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output
+    assert f"clipsearch {command}" in README.read_text()
+
+
+def test_importing_the_cli_stays_light() -> None:
+    code = ("import sys, clipsearch.cli; heavy = {'torch', 'open_clip', 'faiss', 'sqlalchemy', "
+            "'numpy'} & set(sys.modules); print(sorted(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.fixture
+def indexed_db(tmp_path: Path, make_image, tiny_model: str) -> Path:  # type: ignore[no-untyped-def]
+    for i in range(5):
+        make_image(f"{i}.png", seed=i)
+    db = tmp_path / "cli.sqlite3"
+    result = runner.invoke(app, ["index", str(tmp_path / "photos"), "--db", str(db),
+                                 "--model", tiny_model, "-q"])
+    assert result.exit_code == 0, result.output
+    return db
+
+
+def test_index_then_search_outputs(indexed_db: Path, tmp_path: Path) -> None:
+    res = runner.invoke(app, ["search", "a red thing", "--db", str(indexed_db), "--json", "-k", "3"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert len(rows) == 3 and [r["rank"] for r in rows] == [1, 2, 3]
+    res = runner.invoke(app, ["search", "x", "--db", str(indexed_db), "--paths", "-k", "10"])
+    assert sorted(res.stdout.split()) == sorted(str(p) for p in (tmp_path / "photos").iterdir())
+    res = runner.invoke(app, ["search", "x", "--db", str(indexed_db), "--paths", "-0", "-k", "2"])
+    assert res.stdout.count("\0") == 2
+    res = runner.invoke(app, ["similar", str(tmp_path / "photos" / "0.png"), "--db",
+                              str(indexed_db), "--paths"])
+    assert res.exit_code == 0 and str(tmp_path / "photos" / "0.png") not in res.stdout
+    res = runner.invoke(app, ["status", "--db", str(indexed_db), "--json"])
+    data = json.loads(res.stdout)
+    assert data["counts"]["indexed"] == 5 and data["index"]["fresh"]
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["search", "cat", "--db", "{tmp}/none.sqlite3"], "no catalogue"),
+        (["search", "", "--db", "{db}"], "empty query"),
+        (["search", "cat", "--db", "{db}", "--since", "last week"], "bad date"),
+        (["index", "{tmp}/missing-folder", "--db", "{tmp}/new.sqlite3", "--model",
+          "{tmp}/no-model"], "not found"),
+        (["similar", "{tmp}/nothing.png", "--db", "{db}"], "no such file"),
+    ],
+)
+def test_errors_are_one_line_with_exit_1(indexed_db: Path, tmp_path: Path, args: list[str],
+                                         needle: str) -> None:
+    argv = [a.format(tmp=tmp_path, db=indexed_db) for a in args]
+    res = runner.invoke(app, argv)
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    assert needle in res.output and "error:" in res.output
+
+
+def test_index_with_another_model_is_refused(indexed_db: Path, tmp_path: Path) -> None:
+    from tests.conftest import save_tiny_model
+
+    other = save_tiny_model(tmp_path / "other", seed=9)
+    res = runner.invoke(app, ["index", str(tmp_path / "photos"), "--db", str(indexed_db),
+                              "--model", str(other), "-q"])
+    assert res.exit_code == 1 and "hint:" in res.output

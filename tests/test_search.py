@@ -1,0 +1,116 @@
+"""Query parsing, search, similar, filters, sorting, cutoff."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipsearch.errors import UsageError
+from clipsearch.indexer import run_index
+from clipsearch.search import SearchOptions, parse_date, parse_query, search, similar
+
+
+def test_parse_query_terms_signs_and_weights(tmp_path: Path) -> None:
+    terms = parse_query(["beach -people 2:sunset", "a dog on a beach"])
+    assert [(t.weight, t.text) for t in terms] == [
+        (1.0, "beach"), (-1.0, "people"), (2.0, "sunset"), (1.0, "a dog on a beach")]
+    img = tmp_path / "x.png"
+    img.write_bytes(b"x")
+    (term,) = parse_query([str(img)])
+    assert term.image_path == str(img)
+
+
+@pytest.mark.parametrize("parts", [[], [""], ["   "], ["-people"]])
+def test_empty_or_only_negative_query_is_a_usage_error(parts: list[str]) -> None:
+    with pytest.raises(UsageError):
+        parse_query(parts)
+
+
+def test_parse_date_ranges() -> None:
+    start, end = parse_date("2021-07"), parse_date("2021-07", end=True)
+    assert start is not None and end is not None and 30 * 86400 < end - start < 31 * 86400
+    with pytest.raises(UsageError):
+        parse_date("yesterday")
+
+
+@pytest.fixture
+def indexed(settings, make_image, tmp_path: Path):  # type: ignore[no-untyped-def]
+    paths = [make_image(f"{'a' if i < 4 else 'b'}/{i}.png", seed=i) for i in range(8)]
+    paths.append(make_image("b/j.jpg", seed=42, fmt="JPEG"))
+    for n, p in enumerate(paths):
+        os.utime(p, (1_600_000_000 + n * 86400 * 40,) * 2)
+    run_index(settings, [str(tmp_path / "photos")])
+    return paths
+
+
+def test_search_returns_all_when_k_exceeds_collection(settings, indexed) -> None:  # type: ignore[no-untyped-def]
+    resp = search(settings, ["something"], SearchOptions(top_k=100))
+    assert len(resp.results) == len(indexed)
+    scores = [r.score for r in resp.results]
+    assert scores == sorted(scores, reverse=True) and [r.rank for r in resp.results] == list(
+        range(1, len(indexed) + 1))
+    assert resp.model
+
+
+def test_scores_are_true_cosines(settings, indexed, tiny_encoder) -> None:  # type: ignore[no-untyped-def]
+    resp = search(settings, ["a red square"], SearchOptions(top_k=3))
+    q = tiny_encoder.encode_texts(["a red square"])[0]
+    from clipsearch.imaging import decode_file
+
+    for r in resp.results:
+        img = decode_file(r.path, tiny_encoder.image_size).image
+        v = tiny_encoder.encode_images(tiny_encoder.preprocess(img)[None])[0]
+        assert abs(float(v @ q) - r.score) < 1e-3
+
+
+def test_similar_excludes_the_image_itself(settings, indexed) -> None:  # type: ignore[no-untyped-def]
+    resp = similar(settings, str(indexed[0]), SearchOptions(top_k=3))
+    assert len(resp.results) == 3 and str(indexed[0]) not in [r.path for r in resp.results]
+
+
+def test_similar_to_unindexed_image(settings, indexed, make_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    outside = make_image("q.png", seed=3, root=tmp_path / "elsewhere")
+    resp = similar(settings, str(outside), SearchOptions(top_k=1))
+    assert resp.results[0].path == str(indexed[3])  # same picture, indexed copy
+
+
+def test_filters_folder_format_and_dates(settings, indexed, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    only_a = search(settings, ["x"], SearchOptions(top_k=50, folder=str(tmp_path / "photos/a")))
+    assert {Path(r.path).parent.name for r in only_a.results} == {"a"} and len(only_a.results) == 4
+    jpegs = search(settings, ["x"], SearchOptions(top_k=50, formats=("JPEG",)))
+    assert [r.path for r in jpegs.results] == [str(indexed[-1])]
+    cutoff = 1_600_000_000 + 2 * 86400 * 40
+    dated = search(settings, ["x"], SearchOptions(top_k=50, date_to=cutoff))
+    assert len(dated.results) == 3
+
+
+def test_sort_by_date_and_margin(settings, indexed) -> None:  # type: ignore[no-untyped-def]
+    by_date = search(settings, ["x"], SearchOptions(top_k=5, sort="date"))
+    dates = [r.date for r in by_date.results]
+    assert dates == sorted(dates) and len(dates) == 5
+    tight = search(settings, ["x"], SearchOptions(top_k=9, margin=0.0))
+    assert len(tight.results) >= 1
+    assert all(r.score >= tight.results[0].score - 1e-9 for r in tight.results)
+
+
+def test_weighted_terms_rank_by_the_combined_vector(settings, indexed, tiny_encoder) -> None:  # type: ignore[no-untyped-def]
+    from clipsearch.imaging import decode_file
+
+    resp = search(settings, ["red -blue 2:green"], SearchOptions(top_k=9))
+    t = tiny_encoder.encode_texts(["red", "blue", "green"])
+    q = t[0] - t[1] + 2 * t[2]
+    q /= np.linalg.norm(q)
+    expected = []
+    for p in indexed:
+        img = decode_file(str(p), tiny_encoder.image_size).image
+        expected.append(float(tiny_encoder.encode_images(tiny_encoder.preprocess(img)[None])[0] @ q))
+    order = [str(indexed[i]) for i in np.argsort(expected)[::-1]]
+    assert [r.path for r in resp.results] == order
+
+
+def test_long_query_is_truncated_with_a_notice(settings, indexed) -> None:  # type: ignore[no-untyped-def]
+    resp = search(settings, [" ".join(["word"] * 50)], SearchOptions(top_k=1))
+    assert any("tokens" in n for n in resp.notices) and resp.results
