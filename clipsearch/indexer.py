@@ -26,6 +26,7 @@ from clipsearch.vector_index import (
     build_index,
     choose_kind,
     load_index,
+    read_index_header,
     save_index,
     update_index,
 )
@@ -397,6 +398,14 @@ def refresh_index(
     write: bool = True,
 ) -> tuple[str, int]:
     """Bring the FAISS file up to date with the catalogue. Returns (kind, count)."""
+    header = read_index_header(settings.index_path)
+    if (
+        header is not None
+        and header.get("model_key") == info.key
+        and header.get("generation") == catalogue.generation()
+        and kind in ("auto", header.get("kind"))
+    ):
+        return str(header["kind"]), int(header["count"])
     vi = ensure_index(catalogue, settings, info, model_id, kind=kind, write=write)
     return vi.kind, vi.count
 

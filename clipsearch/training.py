@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # heavy imports stay inside functions
     import torch
+    from open_clip.model import CLIP
     from PIL import Image
 
 WHITE_RGB = (255, 255, 255)
@@ -180,7 +181,7 @@ def iterate_batches(
 # --------------------------------------------------------------------------- model
 
 
-def create_model_from_config(model_cfg: dict[str, Any], seed: int = 0) -> torch.nn.Module:
+def create_model_from_config(model_cfg: dict[str, Any], seed: int = 0) -> CLIP:
     """Build a freshly initialised open_clip CLIP model from a model config dict."""
     import torch
     from open_clip.model import CLIP
@@ -189,12 +190,15 @@ def create_model_from_config(model_cfg: dict[str, Any], seed: int = 0) -> torch.
     return CLIP(**model_cfg)
 
 
-def load_checkpoint(checkpoint_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_checkpoint(checkpoint_dir: Path) -> tuple[CLIP, dict[str, Any]]:
     """Load a checkpoint folder written by save_checkpoint; return (fp32 model, config json)."""
     import open_clip
+    from open_clip.model import CLIP
 
     config = json.loads((checkpoint_dir / CHECKPOINT_CONFIG_NAME).read_text(encoding="utf-8"))
     model = open_clip.create_model("local-dir:" + str(checkpoint_dir), device="cpu")
+    if not isinstance(model, CLIP):
+        raise TrainingError(f"{checkpoint_dir} does not hold a plain open_clip CLIP model")
     return model.float().eval(), config
 
 
@@ -224,7 +228,7 @@ def make_image_transform(preprocess_cfg: dict[str, Any]) -> Callable[[Image.Imag
 
 
 def save_checkpoint(
-    model: torch.nn.Module,
+    model: CLIP,
     model_cfg: dict[str, Any],
     checkpoint_dir: Path,
     card: dict[str, Any] | None = None,
@@ -257,7 +261,7 @@ def save_checkpoint(
     return checkpoint_dir
 
 
-def round_to_half(model: torch.nn.Module) -> torch.nn.Module:
+def round_to_half(model: CLIP) -> CLIP:
     """A copy of the model whose weights went through fp16, as a shipped checkpoint has them."""
     import copy
 
@@ -296,7 +300,7 @@ def _learning_rate(config: TrainConfig, step: int) -> float:
     return config.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _freeze_towers(model: torch.nn.Module, config: TrainConfig) -> None:
+def _freeze_towers(model: CLIP, config: TrainConfig) -> None:
     for name, parameter in model.named_parameters():
         is_image = name.startswith("visual.")
         is_text = not is_image and name not in ("logit_scale", "logit_bias")
@@ -305,7 +309,7 @@ def _freeze_towers(model: torch.nn.Module, config: TrainConfig) -> None:
 
 
 def train_model(
-    model: torch.nn.Module,
+    model: CLIP,
     model_cfg: dict[str, Any],
     image_dir: Path,
     images: Sequence[CaptionedImage],
@@ -328,7 +332,9 @@ def train_model(
         raise TrainingError(f"need at least {config.batch_size} images, got {len(images)}")
     torch.manual_seed(config.seed)
     tokenizer = SimpleTokenizer(context_length=int(model_cfg["text_cfg"].get("context_length", 77)))
-    transform = make_image_transform(make_preprocess_cfg(int(model_cfg["vision_cfg"]["image_size"])))
+    transform = make_image_transform(
+        make_preprocess_cfg(int(model_cfg["vision_cfg"]["image_size"]))
+    )
     pixels: dict[str, Image.Image] = {}
     for item in images:
         try:
@@ -399,7 +405,7 @@ def train_model(
             text_features = model.encode_text(text_batch)
         loss = clip_loss(image_features, text_features, model.logit_scale)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(config.max_logit_scale))
@@ -425,7 +431,7 @@ def train_model(
 
 
 def encode_image_files(
-    model: torch.nn.Module,
+    model: CLIP,
     preprocess_cfg: dict[str, Any],
     paths: Sequence[Path],
     background: tuple[int, int, int] = WHITE_RGB,
@@ -448,7 +454,7 @@ def encode_image_files(
 
 
 def encode_texts(
-    model: torch.nn.Module, context_length: int, texts: Sequence[str], batch_size: int = 512
+    model: CLIP, context_length: int, texts: Sequence[str], batch_size: int = 512
 ) -> torch.Tensor:
     """L2-normalised embeddings of texts with the standard open_clip BPE tokenizer."""
     import torch

@@ -187,6 +187,22 @@ def save_index(vi: VectorIndex, path: Path) -> None:
         raise IndexError_(f"cannot write index {path}: {err.strerror or err}") from err
 
 
+def read_index_header(path: Path) -> dict[str, Any] | None:
+    """The header of an index file (kind, dim, model_key, generation, count) without faiss."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(FILE_MAGIC) + 24)
+            if not head.startswith(FILE_MAGIC) or len(head) < len(FILE_MAGIC) + 24:
+                return None
+            hlen, ilen, blen = struct.unpack_from("<QQQ", head, len(FILE_MAGIC))
+            if os.fstat(fh.fileno()).st_size != len(head) + hlen + ilen + blen:
+                return None
+            header: dict[str, Any] = json.loads(fh.read(hlen))
+            return header
+    except (OSError, ValueError, struct.error):
+        return None
+
+
 def load_index(path: Path) -> VectorIndex | None:
     """Read an index file; None when it is missing, truncated or damaged (rebuild it)."""
     faiss = _faiss()

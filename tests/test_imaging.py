@@ -122,3 +122,24 @@ def test_animated_gif_uses_first_frame() -> None:
     frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
     r, g, b = np.asarray(decode_image(buf.getvalue()).image)[0, 0]
     assert r > 200 and b < 50
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF", "WEBP", "TIFF", "BMP"])
+def test_other_formats_decode(fmt: str) -> None:
+    from clipsearch.imaging import codec_support
+
+    if fmt in ("HEIF", "AVIF") and not codec_support()[fmt]:
+        pytest.skip(f"{fmt} codec not installed")
+    img = Image.new("RGB", (32, 24), (200, 30, 30))
+    out = decode_image(_bytes(img, fmt))
+    assert out.format == fmt and (out.width, out.height) == (32, 24)
+    r, g, b = np.asarray(out.image)[12, 16]
+    assert r > 150 and g < 90 and b < 90
+
+
+def test_mpo_uses_the_primary_frame() -> None:
+    first, second = Image.new("RGB", (16, 16), "red"), Image.new("RGB", (16, 16), "blue")
+    buf = io.BytesIO()
+    first.save(buf, "MPO", save_all=True, append_images=[second])
+    r, _, b = np.asarray(decode_image(buf.getvalue()).image)[8, 8]
+    assert r > 200 and b < 60

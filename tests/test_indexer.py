@@ -172,3 +172,42 @@ def test_all_roots_missing_is_an_error(settings, tmp_path: Path) -> None:  # typ
 
     with pytest.raises(ClipsearchError, match="nothing to index"):
         run_index(settings, [str(tmp_path / "nope")])
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "garbage"])
+def test_missing_or_damaged_index_file_is_rebuilt(settings, make_image, tmp_path: Path, damage: str) -> None:  # type: ignore[no-untyped-def]
+    for i in range(5):
+        make_image(f"{i}.png", seed=i)
+    run_index(settings, [str(tmp_path / "photos")])
+    path = settings.index_path
+    if damage == "delete":
+        path.unlink()
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        path.write_bytes(b"\0" * 4096)
+    resp = search(settings, ["x"])
+    assert len(resp.results) == 5
+    from clipsearch.vector_index import load_index
+
+    rebuilt = load_index(path)
+    assert rebuilt is not None and rebuilt.count == 5
+
+
+def test_index_stale_after_interrupted_run_is_caught_up_by_search(
+    settings, make_image, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    make_image("a.png", seed=1)
+    run_index(settings, [str(tmp_path / "photos")])
+    make_image("b.png", seed=2)
+    # Catalogue gains a vector but the FAISS file is not refreshed (as after a kill).
+    from clipsearch import indexer as ix
+
+    real = ix.refresh_index
+    try:
+        ix.refresh_index = lambda *a, **k: ("flat", 0)  # type: ignore[assignment]
+        run_index(settings, [str(tmp_path / "photos")])
+    finally:
+        ix.refresh_index = real  # type: ignore[assignment]
+    resp = search(settings, ["x"], )
+    assert {Path(r.path).name for r in resp.results} == {"a.png", "b.png"}
