@@ -93,12 +93,34 @@ def build_index(
         if n > IVF_TRAIN_MAX_POINTS:
             sample = vectors[np.sort(rng.choice(n, IVF_TRAIN_MAX_POINTS, replace=False))]
         index.cp.seed = seed
-        index.pq.cp.seed = seed if hasattr(index.pq, "cp") else seed
-        index.train(sample)
+        index = _train(index, sample)
         index.nprobe = nprobe
     if n:
         index.add_with_ids(vectors, ids)
     return VectorIndex(index, kind, dim, model_key, generation, np.sort(ids), nprobe)
+
+
+def gpu_count() -> int:
+    """GPUs faiss can use here (0 for a CPU-only build or machine)."""
+    faiss = _faiss()
+    try:
+        return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def _train(index: Any, sample: np.ndarray) -> Any:
+    """Train IVF-PQ on the GPU when one is present (then back to a CPU index), else the CPU."""
+    faiss = _faiss()
+    if gpu_count() > 0:
+        try:
+            gpu = faiss.index_cpu_to_all_gpus(index)
+            gpu.train(sample)
+            return faiss.index_gpu_to_cpu(gpu)
+        except Exception:  # noqa: BLE001 - fall back to the CPU, which always works
+            pass
+    index.train(sample)
+    return index
 
 
 def update_index(
