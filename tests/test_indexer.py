@@ -211,3 +211,24 @@ def test_index_stale_after_interrupted_run_is_caught_up_by_search(
         ix.refresh_index = real  # type: ignore[assignment]
     resp = search(settings, ["x"], )
     assert {Path(r.path).name for r in resp.results} == {"a.png", "b.png"}
+
+
+def test_search_works_while_another_connection_writes(settings, make_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import sqlite3
+    import threading
+    import time
+
+    for i in range(3):
+        make_image(f"{i}.png", seed=i)
+    run_index(settings, [str(tmp_path / "photos")])
+    make_image("late.png", seed=9)
+    writer = sqlite3.connect(settings.db_path, timeout=30)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO meta(key, value) VALUES ('probe', '1')")
+    # WAL: readers are never blocked by a writer.
+    assert len(search(settings, ["x"]).results) == 3
+    # A second writer waits on the busy timeout instead of failing with "database is locked".
+    threading.Thread(target=lambda: (time.sleep(1.0), writer.commit()), daemon=True).start()
+    report = run_index(settings, [str(tmp_path / "photos")])
+    assert report.new == 1 and report.indexed_total == 4
+    writer.close()
