@@ -222,7 +222,7 @@ def test_search_works_while_another_connection_writes(settings, make_image, tmp_
         make_image(f"{i}.png", seed=i)
     run_index(settings, [str(tmp_path / "photos")])
     make_image("late.png", seed=9)
-    writer = sqlite3.connect(settings.db_path, timeout=30)
+    writer = sqlite3.connect(settings.db_path, timeout=30, check_same_thread=False)
     writer.execute("BEGIN IMMEDIATE")
     writer.execute("INSERT INTO meta(key, value) VALUES ('probe', '1')")
     # WAL: readers are never blocked by a writer.
