@@ -206,6 +206,22 @@ def status(
     console.status_report(data, as_json)
 
 
+@app.command()
+def check(
+    repair: Annotated[bool, typer.Option("--repair", help="Fix what can be fixed")] = False,
+    db: DbOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Verify catalogue, index and files against each other; --repair fixes what it can."""
+    from clipsearch import console
+    from clipsearch.doctor import check_catalogue
+
+    report = _run(lambda: check_catalogue(_settings(db), repair=repair), verbose)
+    console.check_report(report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 def main() -> None:  # pragma: no cover - console script entry
     app()
 

@@ -189,3 +189,16 @@ def status_report(data: dict[str, Any], as_json: bool) -> None:
         for f in data["failures"]:
             ft.add_row(escape(f["path"]), escape(f["reason"]), str(f["attempts"]))
         out.print(ft)
+
+
+def check_report(report: Any) -> None:
+    codecs = ", ".join(f"{k} {'yes' if v else 'no (pip install pillow-heif)' if k == 'HEIF' else 'no'}"
+                       for k, v in report.codecs.items())
+    out.print(f"optional codecs: {codecs}")
+    out.print(f"indexed images: {report.indexed}")
+    if not report.problems:
+        out.print("[green]no problems found[/]")
+    for p in report.problems:
+        out.print(f"[yellow]problem:[/] {escape(p)}")
+    for r in report.repaired:
+        out.print(f"[green]repaired:[/] {escape(r)}")
