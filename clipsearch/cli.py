@@ -103,7 +103,8 @@ def index(
 
 
 def _search_opts(top: int, folder: Path | None, since: str | None, until: str | None,
-                 fmt: list[str] | None, sort: str, margin: float | None) -> Any:
+                 fmt: list[str] | None, sort: str, margin: float | None,
+                 label: str | None = None) -> Any:
     from clipsearch.search import SearchOptions, parse_date
 
     return SearchOptions(
@@ -114,6 +115,7 @@ def _search_opts(top: int, folder: Path | None, since: str | None, until: str | 
         formats=tuple(f.upper().replace("JPG", "JPEG") for f in (fmt or [])),
         sort=sort,
         margin=margin,
+        label=label,
     )
 
 
@@ -127,6 +129,7 @@ MarginOpt = Annotated[Optional[float], typer.Option("--margin", help="Keep resul
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per result")]
 PathsOpt = Annotated[bool, typer.Option("--paths", help="Paths only, one per line")]
 NulOpt = Annotated[bool, typer.Option("-0", "--null", help="With --paths: NUL-separated")]
+LabelOpt = Annotated[Optional[str], typer.Option("--label", help="Only images `classify` gave this label")]
 
 
 def _render(resp: Any, as_json: bool, paths: bool, nul: bool) -> None:
@@ -147,6 +150,7 @@ def search(
     fmt: FormatOpt = None,
     sort: SortOpt = "score",
     margin: MarginOpt = None,
+    label: LabelOpt = None,
     as_json: JsonOpt = False,
     paths: PathsOpt = False,
     nul: NulOpt = False,
@@ -159,7 +163,7 @@ def search(
     from clipsearch.search import search as run_search
 
     def go() -> Any:
-        opts = _search_opts(top, folder, since, until, fmt, sort, margin)
+        opts = _search_opts(top, folder, since, until, fmt, sort, margin, label)
         return run_search(_settings(db, model, device), query, opts)
 
     _render(_run(go, verbose), as_json, paths, nul)
@@ -204,6 +208,36 @@ def status(
 
     data = _run(lambda: catalogue_status(_settings(db)), verbose)
     console.status_report(data, as_json)
+
+
+@app.command()
+def classify(
+    paths: Annotated[Optional[list[Path]], typer.Argument(
+        help="Images to classify (default: every indexed image)")] = None,
+    labels: Annotated[Optional[str], typer.Option("--labels", "-l",
+                                                  help="Comma-separated labels")] = None,
+    labels_file: Annotated[Optional[Path], typer.Option(
+        "--labels-file", help="One label per line")] = None,
+    none_margin: Annotated[float, typer.Option(
+        help="A label must beat generic prompts by this cosine margin, else 'none of these'")
+    ] = 0.0,
+    no_store: Annotated[bool, typer.Option("--no-store", help="Do not save labels")] = False,
+    as_json: JsonOpt = False,
+    db: DbOpt = None,
+    device: DeviceOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Zero-shot classification: give every image one of your labels, with a confidence."""
+    from clipsearch import console
+    from clipsearch.classify import classify as run_classify
+    from clipsearch.classify import parse_labels
+
+    def go() -> Any:
+        names = parse_labels(labels, str(labels_file) if labels_file else None)
+        return run_classify(_settings(db, None, device), names,
+                            [str(p) for p in paths or []], none_margin, not no_store)
+
+    console.classifications(_run(go, verbose), as_json)
 
 
 @app.command()

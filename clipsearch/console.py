@@ -202,3 +202,26 @@ def check_report(report: Any) -> None:
         out.print(f"[yellow]problem:[/] {escape(p)}")
     for r in report.repaired:
         out.print(f"[green]repaired:[/] {escape(r)}")
+
+
+def classifications(results: Any, as_json: bool) -> None:
+    from clipsearch.crawler import display_path
+
+    if as_json:
+        for c in results:
+            sys.stdout.write(json.dumps({"path": display_path(c.path), "label": c.label,
+                                         "confidence": round(c.confidence, 4),
+                                         "scores": {k: round(v, 4) for k, v in c.scores.items()}})
+                             + "\n")
+        return
+    table = Table()
+    table.add_column("path", overflow="fold")
+    table.add_column("label")
+    table.add_column("confidence", justify="right")
+    for c in results:
+        table.add_row(shown(c.path), escape(c.label), f"{c.confidence:.2f}")
+    out.print(table)
+    counts: dict[str, int] = {}
+    for c in results:
+        counts[c.label] = counts.get(c.label, 0) + 1
+    err.print(", ".join(f"{escape(k)}: {v}" for k, v in sorted(counts.items())) or "no images")

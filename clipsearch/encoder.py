@@ -317,6 +317,12 @@ class OpenClipEncoder:
     def context_length(self) -> int:
         return int(getattr(self.tokenizer, "context_length", 77))
 
+    @property
+    def logit_scale(self) -> float:
+        """The learned softmax temperature (CLIP's logit scale, exponentiated)."""
+        scale = getattr(self.model, "logit_scale", None)
+        return float(scale.exp().item()) if scale is not None else 100.0
+
     def _tokens(self, texts: list[str]) -> Any:
         return self.tokenizer(texts).to(self.device)
 

@@ -50,6 +50,7 @@ class SearchOptions:
     formats: tuple[str, ...] = ()
     sort: str = "score"
     margin: float | None = None
+    label: str | None = None
 
 
 @dataclass(frozen=True)
@@ -249,7 +250,7 @@ def _query_vector(session: _Session, terms: list[QueryTerm], notices: list[str])
 
 def _filtered(opts: SearchOptions) -> bool:
     return bool(opts.folder or opts.date_from is not None or opts.date_to is not None
-                or opts.formats)
+                or opts.formats or opts.label)
 
 
 def _passes(row: ImageRow, opts: SearchOptions) -> bool:
@@ -273,7 +274,9 @@ def _rank(session: _Session, qvec: np.ndarray, opts: SearchOptions, exclude: set
     cat = session.catalogue
     want = opts.top_k + len(exclude)
     if _filtered(opts):
-        rows = {r.image_id: r for r in cat.images(STATE_INDEXED) if _passes(r, opts)}
+        labelled = cat.ids_with_label(opts.label) if opts.label else None
+        rows = {r.image_id: r for r in cat.images(STATE_INDEXED)
+                if _passes(r, opts) and (labelled is None or r.image_id in labelled)}
         ids, vecs = cat.vectors_by_ids(list(rows), session.model_id, session.info.dim)
     else:
         vi = session.index()

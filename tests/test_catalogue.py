@@ -100,3 +100,25 @@ def test_paths_are_stored_losslessly(tmp_path: Path) -> None:
                            "attempts": 0}])
         (row,) = list(cat.images())
     assert os.fsencode(row.path) == b"/photos/caf\xe9-\xff.jpg"
+
+
+def test_upgrade_from_previous_schema_keeps_data(tmp_path: Path) -> None:
+    from alembic import command
+    from sqlalchemy import create_engine
+
+    from clipsearch.catalogue.store import _alembic_config
+
+    path = tmp_path / "old.sqlite3"
+    engine = create_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:
+        command.upgrade(_alembic_config(conn), "0001_initial_schema")
+    engine.dispose()
+    con = sqlite3.connect(path)
+    con.execute("INSERT INTO images (path, size, mtime_ns, state, attempts, updated_at) "
+                "VALUES (x'2f612e6a7067', 1, 2, 'pending', 0, 0)")
+    con.commit()
+    con.close()
+    with Catalogue(path) as cat:
+        assert [r.path for r in cat.images()] == ["/a.jpg"]
+    con = sqlite3.connect(path)
+    assert con.execute("SELECT version_num FROM alembic_version").fetchone()[0] == SCHEMA_HEAD

@@ -78,3 +78,15 @@ class Meta(Base):
     __tablename__ = "meta"
     key: Mapped[str] = mapped_column(String, primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class ImageLabel(Base):
+    """The label zero-shot classification gave an image, with its confidence."""
+
+    __tablename__ = "image_labels"
+    __table_args__ = (Index("ix_image_labels_label", "label"),)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), primary_key=True)
+    label: Mapped[str] = mapped_column(String)
+    confidence: Mapped[float] = mapped_column(Float)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    classified_at: Mapped[float] = mapped_column(Float)

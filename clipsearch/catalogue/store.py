@@ -22,6 +22,7 @@ from clipsearch.catalogue.models import (
     STATE_MISSING,
     STATES,
     Embedding,
+    ImageLabel,
     ImageRecord,
     Meta,
     ModelRecord,
@@ -29,7 +30,7 @@ from clipsearch.catalogue.models import (
 )
 from clipsearch.errors import CatalogueBusyError, CatalogueError
 
-SCHEMA_HEAD = "0001_initial_schema"
+SCHEMA_HEAD = "0002_image_labels"
 BUSY_TIMEOUT_MS = 30_000
 META_ACTIVE_MODEL = "active_model_key"
 META_GENERATION = "generation"
@@ -474,6 +475,42 @@ class Catalogue:
         with self.engine.connect() as conn:
             for r in conn.execute(stmt):
                 yield _image_row(r)
+
+    # -- labels ----------------------------------------------------------------------
+    def write_labels(self, labels: Sequence[tuple[int, str, float]], model_id: int) -> None:
+        """Store (image_id, label, confidence) from one classification run."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            for image_id, label, confidence in labels:
+                values = {"label": label, "confidence": float(confidence),
+                          "model_id": model_id, "classified_at": now}
+                stmt = sqlite_insert(ImageLabel).values(image_id=image_id, **values)
+                conn.execute(
+                    stmt.on_conflict_do_update(index_elements=[ImageLabel.image_id], set_=values)
+                )
+
+    def labels_of(self, image_ids: Sequence[int]) -> dict[int, tuple[str, float]]:
+        out: dict[int, tuple[str, float]] = {}
+        with self.engine.connect() as conn:
+            for chunk in _chunks([int(i) for i in image_ids], 500):
+                for image_id, label, conf in conn.execute(
+                    select(ImageLabel.image_id, ImageLabel.label, ImageLabel.confidence).where(
+                        ImageLabel.image_id.in_(chunk)
+                    )
+                ):
+                    out[image_id] = (label, conf)
+        return out
+
+    def ids_with_label(self, label: str) -> set[int]:
+        with self.engine.connect() as conn:
+            return {
+                r[0]
+                for r in conn.execute(
+                    select(ImageLabel.image_id).where(
+                        func.lower(ImageLabel.label) == label.lower()
+                    )
+                )
+            }
 
     # -- reporting -------------------------------------------------------------------
     def count_by_state(self) -> dict[str, int]:

@@ -1,0 +1,51 @@
+"""Zero-shot classification: labels, calibrated softmax, 'none of these', stored labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipsearch.classify import NONE_LABEL, classify, classify_vectors, parse_labels
+from clipsearch.errors import UsageError
+from clipsearch.indexer import run_index
+from clipsearch.search import SearchOptions, search
+
+
+def test_parse_labels(tmp_path: Path) -> None:
+    f = tmp_path / "labels.txt"
+    f.write_text("# animals\ncat\nDog\n\n")
+    assert parse_labels("cat, car ,", str(f)) == ["cat", "car", "Dog"]
+    with pytest.raises(UsageError):
+        parse_labels("cat")
+
+
+def test_softmax_is_calibrated_and_none_by_margin() -> None:
+    labels = ["a", "b"]
+    lv = np.eye(3, dtype=np.float32)[:2]
+    images = np.array([[1, 0, 0], [0.6, 0.8, 0], [0, 0, 1]], np.float32)
+    background = np.array([[0, 0, 1]], np.float32)
+    out = classify_vectors(images, lv, labels, background, temperature=10.0, none_margin=0.0)
+    assert out[0][0] == "a" and out[0][1] == pytest.approx(1 / (1 + np.exp(-10)), rel=1e-4)
+    assert out[1][0] == "b" and 0.5 < out[1][1] < 0.99
+    assert out[2][0] == NONE_LABEL
+    for _, _, scores in out:
+        assert sum(scores.values()) == pytest.approx(1.0)
+
+
+def test_classify_stores_labels_and_search_filters_by_them(settings, make_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    for i in range(4):
+        make_image(f"{i}.png", seed=i)
+    run_index(settings, [str(tmp_path / "photos")])
+    results = classify(settings, ["cat", "dog"], none_margin=None)
+    assert len(results) == 4 and all(r.label in ("cat", "dog") for r in results)
+    assert all(abs(sum(r.scores.values()) - 1) < 1e-5 for r in results)
+    for label in ("cat", "dog"):
+        expected = {r.path for r in results if r.label == label}
+        found = search(settings, ["x"], SearchOptions(top_k=10, label=label))
+        assert {r.path for r in found.results} == expected
+    single = classify(settings, ["cat", "dog"], [str(tmp_path / "photos" / "0.png")],
+                      none_margin=None)
+    assert len(single) == 1 and single[0].label == next(
+        r.label for r in results if r.path.endswith("0.png"))
