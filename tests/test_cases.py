@@ -22,6 +22,8 @@ def _cases_script() -> Path:
     env = os.environ.get("CLIPSEARCH_CASES_SCRIPT")
     path = Path(env) if env else CASES_SCRIPT
     if not path.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"shared cases script not found at {path} (CI must run them)")
         pytest.skip(f"shared cases script not found at {path}")
     return path
 
