@@ -240,6 +240,30 @@ def classify(
     console.classifications(_run(go, verbose), as_json)
 
 
+@app.command("eval")
+def eval_(
+    folder: Annotated[Path, typer.Argument(help="Folder of labelled images")],
+    captions: Annotated[Path, typer.Option(
+        "--captions", "-c", help="CSV or JSON lines: path, caption[, concept][, category]")],
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Measure a model: text->image and image->image recall, zero-shot accuracy, P@10."""
+    from clipsearch import console
+    from clipsearch.config import DEFAULT_MODEL
+    from clipsearch.encoder import load_encoder
+    from clipsearch.evaluation import evaluate, read_labelled
+
+    def go() -> Any:
+        items = read_labelled(captions)
+        encoder = load_encoder(model or DEFAULT_MODEL, device or "auto")
+        return evaluate(encoder, folder, items)
+
+    console.eval_report(_run(go, verbose), as_json)
+
+
 @app.command()
 def check(
     repair: Annotated[bool, typer.Option("--repair", help="Fix what can be fixed")] = False,

@@ -225,3 +225,19 @@ def classifications(results: Any, as_json: bool) -> None:
     for c in results:
         counts[c.label] = counts.get(c.label, 0) + 1
     err.print(", ".join(f"{escape(k)}: {v}" for k, v in sorted(counts.items())) or "no images")
+
+
+def eval_report(report: Any, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(report.as_dict(), indent=2) + "\n")
+        return
+    table = Table(title=f"evaluation of {escape(report.model)}", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in report.metrics.items():
+        table.add_row(name, "n/a" if value is None else f"{value:.3f}")
+    for name, n in report.counts.items():
+        table.add_row(f"[dim]{name}[/]", str(n))
+    out.print(table)
+    for f in report.failed:
+        err.print(f"[yellow]skipped:[/] {escape(f)}")
