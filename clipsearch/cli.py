@@ -280,9 +280,14 @@ def check(
         raise typer.Exit(1)
 
 
-def main() -> None:  # pragma: no cover - console script entry
-    app()
+def main() -> None:
+    """Console entry: Ctrl-C anywhere exits without a traceback (130 once a command runs)."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+if __name__ == "__main__":
+    main()

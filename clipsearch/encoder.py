@@ -18,6 +18,7 @@ from clipsearch.errors import ModelError
 BUNDLED_MODELS_DIR = Path(__file__).parent / "models"
 WEIGHT_FILE_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 HASH_CHUNK_BYTES = 1 << 22
+HUB_CONNECT_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,7 @@ def _hub_weights(arch: str, tag: str) -> tuple[str, dict[str, Any]]:
             f"model {arch}:{tag} is not in the local hub cache ({repo}) and HF_HUB_OFFLINE is set",
             hint=_offline_hint(),
         )
+    _require_hub_reachable(f"{arch}:{tag}", repo)
     from huggingface_hub import hf_hub_download
 
     last: Exception | None = None
@@ -203,6 +205,24 @@ def _hub_weights(arch: str, tag: str) -> tuple[str, dict[str, Any]]:
         f"cannot download model {arch}:{tag} from the Hugging Face hub ({repo}): {reason[:160]}",
         hint=_offline_hint(),
     )
+
+
+def _require_hub_reachable(name: str, repo: str) -> None:
+    """Fail fast, in one line, when the hub cannot be reached (instead of retry storms)."""
+    import socket
+    import urllib.parse
+
+    from huggingface_hub import constants
+
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=HUB_CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise ModelError(
+            f"model {name} is not in the local hub cache and {host} cannot be reached "
+            f"to download it ({err.strerror or err})",
+            hint=_offline_hint(),
+        ) from err
 
 
 def pick_device(device: str = "auto") -> str:

@@ -190,6 +190,11 @@ def save_index(vi: VectorIndex, path: Path) -> None:
     blob = faiss.serialize_index(vi.index).tobytes()
     ids = np.ascontiguousarray(vi.ids, dtype="<i8").tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(path.name + ".*.tmp"):  # left by a killed writer
+        try:
+            stale.unlink()
+        except OSError:
+            pass
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -1,0 +1,99 @@
+"""Crash safety: kill `clipsearch index` (SIGKILL, SIGINT) at random points, resume, verify."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipsearch.catalogue.store import Catalogue
+from clipsearch.config import resolve_settings
+from clipsearch.search import SearchOptions, search
+from clipsearch.vector_index import load_index
+
+
+def _make_photos(root: Path, n: int) -> list[Path]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        arr = np.full((40, 48, 3), rng.integers(0, 256, 3), np.uint8)
+        arr[5:20, 5:30] = rng.integers(0, 256, 3)
+        p = root / f"d{i % 7}" / f"img{i:04}.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(p)
+        paths.append(p)
+    return paths
+
+
+def _index_cmd(root: Path, db: Path, model: str) -> list[str]:
+    return [sys.executable, "-m", "clipsearch.cli", "index", str(root), "--db", str(db),
+            "--model", model, "--batch-size", "8", "-q"]
+
+
+def _check_invariants(db: Path, photos: list[Path], final: bool) -> None:
+    settings = resolve_settings(db=db)
+    with Catalogue(db) as cat:
+        con = sqlite3.connect(db)
+        assert con.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+        dup = con.execute("SELECT path, COUNT(*) FROM images GROUP BY path HAVING COUNT(*) > 1"
+                          ).fetchall()
+        con.close()
+        assert dup == []
+        rows = list(cat.images())
+        known = {Path(r.path) for r in rows}
+        assert known <= set(photos)
+        model = cat.active_model()
+        if model is None:
+            assert not rows
+            return
+        indexed = {r.image_id for r in rows if r.state == "indexed"}
+        assert all(r.state in ("indexed", "pending") for r in rows), {r.state for r in rows}
+    # Searches answer at every stop, and bring the index in line with the catalogue.
+    resp = search(settings, ["a picture"], SearchOptions(top_k=5))
+    assert len(resp.results) == min(5, len(indexed))
+    vi = load_index(settings.index_path)
+    if indexed:
+        assert vi is not None and set(vi.ids.tolist()) == indexed
+    if final:
+        assert known == set(photos) and len(indexed) == len(photos)
+
+
+def _kill_and_resume(tmp_path: Path, tiny_model: str, rounds: int, n_photos: int) -> None:
+    root = tmp_path / "photos"
+    photos = _make_photos(root, n_photos)
+    db = tmp_path / "cat.sqlite3"
+    rng = random.Random(1234)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for r in range(rounds):
+        proc = subprocess.Popen(_index_cmd(root, db, tiny_model), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(2.0, 6.0))
+        sig = signal.SIGKILL if r % 2 == 0 else signal.SIGINT
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        if b"Traceback" in err or (sig == signal.SIGINT and proc.returncode not in (0, 1, 130)):
+            pytest.fail(f"SIGINT exit {proc.returncode}: {err.decode()[-500:]}")
+        if db.exists():
+            _check_invariants(db, photos, final=False)
+    done = subprocess.run(_index_cmd(root, db, tiny_model), capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-800:]
+    _check_invariants(db, photos, final=True)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_kill_and_resume_a_few_times(tmp_path: Path, tiny_model: str) -> None:
+    _kill_and_resume(tmp_path, tiny_model, rounds=2, n_photos=100)
+
+
+@pytest.mark.slow
+def test_kill_and_resume_twenty_times(tmp_path: Path, tiny_model: str) -> None:
+    _kill_and_resume(tmp_path, tiny_model, rounds=20, n_photos=400)
