@@ -103,3 +103,20 @@ def test_hub_tag_loads_offline_from_a_hub_cache(tmp_path: Path, monkeypatch: pyt
     assert enc.image_size == 256
     assert enc.encode_texts(["a dog"]).shape == (1, 512)
     torch.set_num_threads(torch.get_num_threads())
+
+
+def test_unreachable_hub_fails_fast_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants as hc
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(hc, "ENDPOINT", "https://127.0.0.1")
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda *a, **k: calls.append(a) or "never")
+    with pytest.raises(ModelError) as info:
+        load_encoder("ViT-B-32-256:datacomp_s34b_b86k", device="cpu")
+    assert "cannot be reached" in info.value.message and "\n" not in info.value.message
+    assert calls == []
