@@ -299,6 +299,18 @@ class OpenClipEncoder:
             raise ModelError(f"cannot load model {resolved.spec}: {msg[:200]}",
                              hint=_offline_hint()) from err
         model.eval()
+        self.weights_file = weights
+        try:
+            from clipsearch.text_tower import describe_text_tower
+
+            if resolved.local_dir is not None:
+                cfg_json = json.loads(Path(resolved.local_dir, "open_clip_config.json").read_text())
+                model_cfg = cfg_json.get("model_cfg", cfg_json)
+            else:
+                model_cfg = open_clip.get_model_config(resolved.arch) or {}
+            self.text_tower = describe_text_tower(model, model_cfg)
+        except Exception:  # noqa: BLE001 - the numpy text path is an optimisation only
+            self.text_tower = None
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
             self.precision
         ]

@@ -119,6 +119,24 @@ class _LazyEncoder:
         return self._encoder
 
 
+FAST_TEXT_META = "fast_text:"
+
+
+def remember_fast_text(catalogue: Catalogue, encoder: Encoder) -> None:
+    """Record where the text tower's weights are, so searches can skip torch."""
+    from clipsearch.text_tower import fast_text_record
+
+    if catalogue.readonly:
+        return
+    try:
+        record = fast_text_record(getattr(encoder, "weights_file", None),
+                                  getattr(encoder, "text_tower", None))
+    except OSError:
+        record = None
+    if record is not None:
+        catalogue.set_meta(FAST_TEXT_META + encoder.info.key, record)
+
+
 def _select_model(
     catalogue: Catalogue, requested: str | None, factory: EncoderFactory
 ) -> tuple[_LazyEncoder, int | None, ModelInfo | None]:
@@ -171,6 +189,7 @@ def run_index(
                 enc = lazy.get()
                 info = enc.info
                 model_id = catalogue.register_model(info.as_record())
+                remember_fast_text(catalogue, enc)
             report.model = info.key if info.spec == info.key else f"{info.spec} ({info.key})"
             if on_model is not None:
                 on_model(report.model)
@@ -305,6 +324,7 @@ def _process(
     settings: Settings,
 ) -> None:
     encoder = lazy.get()
+    remember_fast_text(catalogue, encoder)
     target = encoder.image_size
     workers = settings.workers or default_workers()
     batch_size = max(1, settings.batch_size)

@@ -6,6 +6,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -174,6 +175,7 @@ class _Session:
         self.info = ModelInfo(active.key, active.spec, active.arch, active.pretrained,
                               active.checkpoint_hash, active.open_clip_version, active.dim)
         self._encoder: Encoder | None = None
+        self._text: Any = None
 
     @property
     def model_label(self) -> str:
@@ -192,6 +194,21 @@ class _Session:
                 )
             self._encoder = enc
         return self._encoder
+
+    def text_encoder(self) -> Any:
+        """The numpy text tower when the catalogue recorded one, else the full model."""
+        if self._encoder is not None:
+            return self._encoder
+        if self._text is None:
+            import json
+
+            from clipsearch.indexer import FAST_TEXT_META
+            from clipsearch.text_tower import load_fast_text_encoder
+
+            raw = self.catalogue.get_meta(FAST_TEXT_META + self.info.key)
+            fast = load_fast_text_encoder(json.loads(raw)) if raw else None
+            self._text = fast if fast is not None else self.encoder()
+        return self._text
 
     def index(self):  # type: ignore[no-untyped-def]
         write = not self.catalogue.readonly
@@ -227,7 +244,7 @@ def _query_vector(session: _Session, terms: list[QueryTerm], notices: list[str])
     total = np.zeros(session.info.dim, dtype=np.float32)
     texts = [t for t in terms if t.text is not None]
     if texts:
-        enc = session.encoder()
+        enc = session.text_encoder()
         for t in texts:
             assert t.text is not None
             n = enc.token_count(t.text)

@@ -1,0 +1,270 @@
+"""A torch-free text tower: open_clip's BPE tokenizer and CLIP text transformer in numpy.
+
+Cold `search` must not pay for importing torch and open_clip (seconds). For the standard
+CLIP text tower (token + position embeddings, pre-LN residual attention blocks with a causal
+mask, final LayerNorm, EOT pooling, projection) the weights are read straight from the
+safetensors checkpoint the catalogue's model came from. Anything else falls back to torch.
+"""
+
+from __future__ import annotations
+
+import gzip
+import html
+import importlib.util
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LAYER_NORM_EPS = 1e-5
+
+
+@lru_cache(maxsize=1)
+def _open_clip_dir() -> Path:
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("open_clip is not installed")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1)
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+class BpeTokenizer:
+    """open_clip's SimpleTokenizer (clean='lower'), same ids, without torch."""
+
+    def __init__(self, context_length: int = 77) -> None:
+        import regex
+
+        self.context_length = context_length
+        self.byte_encoder = _bytes_to_unicode()
+        vocab_file = _open_clip_dir() / "bpe_simple_vocab_16e6.txt.gz"
+        merges_text = gzip.open(vocab_file).read().decode("utf-8").split("\n")
+        merges = [tuple(m.split()) for m in merges_text[1 : 49152 - 256 - 2 + 1]]
+        vocab = list(self.byte_encoder.values())
+        vocab = vocab + [v + "</w>" for v in vocab]
+        vocab.extend("".join(m) for m in merges)
+        special = ["<start_of_text>", "<end_of_text>"]
+        vocab.extend(special)
+        self.encoder = {v: i for i, v in enumerate(vocab)}
+        self.bpe_ranks = {m: i for i, m in enumerate(merges)}
+        self.cache: dict[str, str] = {t: t for t in special}
+        self.pat = regex.compile(
+            "|".join(special)
+            + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+            regex.IGNORECASE,
+        )
+        self.sot, self.eot = self.encoder[special[0]], self.encoder[special[1]]
+
+    def _bpe(self, token: str) -> str:
+        if token in self.cache:
+            return self.cache[token]
+        word: tuple[str, ...] = tuple(token[:-1]) + (token[-1] + "</w>",)
+        pairs = set(zip(word, word[1:]))
+        if not pairs:
+            return token + "</w>"
+        while True:
+            bigram = min(pairs, key=lambda p: self.bpe_ranks.get(p, float("inf")))
+            if bigram not in self.bpe_ranks:
+                break
+            first, second = bigram
+            new: list[str] = []
+            i = 0
+            while i < len(word):
+                try:
+                    j = word.index(first, i)
+                except ValueError:
+                    new.extend(word[i:])
+                    break
+                new.extend(word[i:j])
+                i = j
+                if word[i] == first and i < len(word) - 1 and word[i + 1] == second:
+                    new.append(first + second)
+                    i += 2
+                else:
+                    new.append(word[i])
+                    i += 1
+            word = tuple(new)
+            if len(word) == 1:
+                break
+            pairs = set(zip(word, word[1:]))
+        out = " ".join(word)
+        self.cache[token] = out
+        return out
+
+    def encode(self, text: str) -> list[int]:
+        import ftfy
+
+        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+        text = " ".join(text.split()).strip().lower()
+        ids: list[int] = []
+        for token in self.pat.findall(text):
+            token = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
+            ids.extend(self.encoder[t] for t in self._bpe(token).split(" "))
+        return ids
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.context_length), dtype=np.int64)
+        for row, text in enumerate(texts):
+            tokens = [self.sot] + self.encode(text) + [self.eot]
+            if len(tokens) > self.context_length:
+                tokens = tokens[: self.context_length]
+                tokens[-1] = self.eot
+            out[row, : len(tokens)] = tokens
+        return out
+
+
+def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + LAYER_NORM_EPS) * w + b
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    """erf to 1.5e-7 (Abramowitz & Stegun 7.1.26), vectorised."""
+    sign = np.sign(x)
+    a = np.abs(x)
+    t = 1.0 / (1.0 + 0.3275911 * a)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027
+                                                                       + t * 1.061405429))))
+    return sign * (1.0 - poly * np.exp(-a * a))
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    """Exact (erf) GELU, as torch's nn.GELU."""
+    return 0.5 * x * (1.0 + _erf(x * 0.7071067811865476))
+
+
+def _quick_gelu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-1.702 * x))
+
+
+def describe_text_tower(model: Any, model_cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """What the numpy path needs to rebuild this open_clip model's text tower, or None if
+    the tower is not the standard CLIP one. Called with the torch model at index time."""
+    text_cfg = dict(model_cfg.get("text_cfg") or {})
+    if text_cfg.get("hf_model_name") or text_cfg.get("hf_tokenizer_name"):
+        return None
+    if text_cfg.get("no_causal_mask") or text_cfg.get("final_ln_after_pool"):
+        return None
+    if text_cfg.get("pool_type", "argmax") != "argmax" or text_cfg.get("embed_cls"):
+        return None
+    if text_cfg.get("tokenizer_kwargs") or text_cfg.get("norm_kwargs"):
+        return None
+    if text_cfg.get("ls_init_value") is not None:
+        return None
+    prefix = "text." if hasattr(model, "text") and not hasattr(model, "token_embedding") else ""
+    blocks = (model.text.transformer if prefix else model.transformer).resblocks
+    act = type(blocks[0].mlp.gelu).__name__
+    if act not in ("GELU", "QuickGELU"):
+        return None
+    return {
+        "prefix": prefix,
+        "layers": len(blocks),
+        "heads": int(blocks[0].attn.num_heads),
+        "context_length": int(text_cfg.get("context_length", 77)),
+        "quick_gelu": act == "QuickGELU",
+    }
+
+
+class NumpyTextEncoder:
+    """Encode texts with numpy only; equal to open_clip's encode_text(normalize=True)."""
+
+    def __init__(self, weights_file: str, tower: dict[str, Any]) -> None:
+        from safetensors import safe_open
+
+        self.tower = tower
+        p = tower["prefix"]
+        self.w: dict[str, np.ndarray] = {}
+        with safe_open(weights_file, framework="np") as f:
+            keys = set(f.keys())
+            wanted = [k for k in keys if k.startswith(p) and not k.startswith(p + "visual")]
+            if p == "":
+                wanted = [k for k in keys if not k.startswith(("visual.", "logit_"))]
+            for k in wanted:
+                self.w[k[len(p):]] = f.get_tensor(k).astype(np.float32)
+        required = ("token_embedding.weight", "positional_embedding", "ln_final.weight")
+        if not all(r in self.w for r in required):
+            raise KeyError(f"{weights_file}: not a standard CLIP text tower")
+        self.tokenizer = BpeTokenizer(tower["context_length"])
+        self.context_length = tower["context_length"]
+
+    def token_count(self, text: str) -> int:
+        return len(self.tokenizer.encode(text)) + 2
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        w = self.w
+        tokens = self.tokenizer(texts)
+        x = w["token_embedding.weight"][tokens] + w["positional_embedding"]
+        n_ctx = x.shape[1]
+        mask = np.triu(np.full((n_ctx, n_ctx), -np.inf, dtype=np.float32), 1)
+        heads = self.tower["heads"]
+        act = _quick_gelu if self.tower["quick_gelu"] else _gelu
+        for i in range(self.tower["layers"]):
+            b = f"transformer.resblocks.{i}."
+            h = _layer_norm(x, w[b + "ln_1.weight"], w[b + "ln_1.bias"])
+            qkv = h @ w[b + "attn.in_proj_weight"].T + w[b + "attn.in_proj_bias"]
+            q, k, v = np.split(qkv, 3, axis=-1)
+            bsz, n, d = q.shape
+            hd = d // heads
+
+            def split(t: np.ndarray) -> np.ndarray:
+                return t.reshape(bsz, n, heads, hd).transpose(0, 2, 1, 3)
+
+            q, k, v = split(q), split(k), split(v)
+            att = (q @ k.transpose(0, 1, 3, 2)) / np.sqrt(hd) + mask
+            att = np.exp(att - att.max(-1, keepdims=True))
+            att /= att.sum(-1, keepdims=True)
+            o = (att @ v).transpose(0, 2, 1, 3).reshape(bsz, n, d)
+            x = x + o @ w[b + "attn.out_proj.weight"].T + w[b + "attn.out_proj.bias"]
+            h = _layer_norm(x, w[b + "ln_2.weight"], w[b + "ln_2.bias"])
+            h = act(h @ w[b + "mlp.c_fc.weight"].T + w[b + "mlp.c_fc.bias"])
+            x = x + h @ w[b + "mlp.c_proj.weight"].T + w[b + "mlp.c_proj.bias"]
+        x = _layer_norm(x, w["ln_final.weight"], w["ln_final.bias"])
+        pooled = x[np.arange(len(texts)), tokens.argmax(-1)]
+        if "text_projection" in w:
+            pooled = pooled @ w["text_projection"]
+        elif "text_projection.weight" in w:
+            pooled = pooled @ w["text_projection.weight"].T + w.get("text_projection.bias", 0)
+        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+        return (pooled / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def load_fast_text_encoder(record: dict[str, Any]) -> NumpyTextEncoder | None:
+    """The numpy text tower for a recorded model, if its weights file is unchanged."""
+    path = record.get("weights")
+    if not path or not str(path).endswith(".safetensors"):
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if st.st_size != record.get("size") or st.st_mtime_ns != record.get("mtime_ns"):
+        return None
+    try:
+        return NumpyTextEncoder(path, record["tower"])
+    except (KeyError, OSError, ValueError):
+        return None
+
+
+def fast_text_record(weights_file: str | None, tower: dict[str, Any] | None) -> str | None:
+    """JSON the catalogue keeps so later searches can take the numpy path."""
+    if not weights_file or tower is None or not weights_file.endswith(".safetensors"):
+        return None
+    st = os.stat(weights_file)
+    return json.dumps({"weights": weights_file, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                       "tower": tower})
