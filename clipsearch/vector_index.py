@@ -23,6 +23,7 @@ IVF_MIN_POINTS_PER_LIST = 39
 IVF_TRAIN_MAX_POINTS = 200_000
 RERANK_MIN_CANDIDATES = 200
 RERANK_FACTOR = 20
+SINGLE_THREAD_MAX_QUERIES = 4
 
 
 @dataclass
@@ -161,8 +162,16 @@ def search_index(vi: VectorIndex, queries: np.ndarray, k: int) -> tuple[np.ndarr
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if vi.kind == KIND_IVFPQ:
         vi.index.nprobe = vi.nprobe
-    scores, ids = vi.index.search(queries, k)
-    return scores, ids
+    faiss = _faiss()
+    if len(queries) <= SINGLE_THREAD_MAX_QUERIES:
+        # One query gains nothing from OpenMP and loses ~10x when the cores are busy.
+        before = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            return vi.index.search(queries, k)
+        finally:
+            faiss.omp_set_num_threads(before)
+    return vi.index.search(queries, k)
 
 
 def exact_search(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int
