@@ -282,6 +282,10 @@ def check(
 
 def main() -> None:
     """Console entry: Ctrl-C anywhere exits without a traceback (130 once a command runs)."""
+    import warnings
+
+    # Damaged files make Pillow warn; their failures are recorded per file instead.
+    warnings.filterwarnings("ignore", module="PIL")
     try:
         app()
     except KeyboardInterrupt:
