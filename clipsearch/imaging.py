@@ -127,13 +127,11 @@ def _open(data: bytes, fmt: str, target: int) -> tuple[Image.Image, tuple[int, i
         return img, full
     if fmt == "HEIF" and not _ensure_heif():
         raise ImageError("HEIC/HEIF support is not installed (pip install pillow-heif)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(data))
-            return img, img.size
-        except Image.DecompressionBombError as err:
-            raise ImageError(f"image too large to decode safely ({err})") from err
+    try:
+        img = Image.open(io.BytesIO(data))
+        return img, img.size
+    except Image.DecompressionBombError as err:
+        raise ImageError(_too_large(err)) from err
 
 
 def _too_large(err: Exception) -> str:
