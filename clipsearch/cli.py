@@ -79,6 +79,7 @@ def index(
     wait: Annotated[bool, typer.Option(help="Wait for another index run instead of refusing")
                     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Summary as JSON on stdout")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Build or update the catalogue with every image under FOLDERS."""
@@ -99,6 +100,10 @@ def index(
             )
 
     report = _run(go, verbose)
+    if as_json:
+        import json
+
+        sys.stdout.write(json.dumps(report.as_dict()) + "\n")
     console.index_summary(report)
 
 

@@ -64,10 +64,29 @@ class IndexReport:
     index_kind: str = ""
     seconds: float = 0.0
     interrupted: bool = False
+    stage_seconds: Counter[str] = field(default_factory=Counter)
+    """Time per stage: read+hash, decode, preprocess (summed over worker threads), encode,
+    catalogue writes, index refresh, scan (wall time of the main thread)."""
 
     @property
     def failed_total(self) -> int:
         return sum(self.failed.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (paths shown with undecodable bytes escaped)."""
+        from clipsearch.crawler import display_path
+
+        return {
+            "model": self.model, "scanned": self.scanned, "new": self.new,
+            "changed": self.changed, "unchanged": self.unchanged, "moved_or_duplicate":
+            self.reused, "encoded": self.encoded, "missing": self.missing,
+            "failed": dict(self.failed), "failed_total": self.failed_total,
+            "indexed_total": self.indexed_total, "index_kind": self.index_kind,
+            "seconds": round(self.seconds, 3),
+            "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
+            "problems": [{"path": display_path(p.path), "reason": p.reason}
+                         for p in self.problems],
+        }
 
 
 @dataclass
@@ -82,6 +101,7 @@ class _Work:
     reason: str = ""
     size: int = 0
     mtime_ns: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def content_hash(data: bytes) -> str:
@@ -196,9 +216,11 @@ def run_index(
             assert model_id is not None
             _index_roots(catalogue, lazy, model_id, info, roots, options, report, progress,
                          settings)
+            t0 = time.perf_counter()
             report.index_kind, report.indexed_total = refresh_index(
                 catalogue, settings, info, model_id, kind=options.index_kind, write=True
             )
+            report.stage_seconds["index"] += time.perf_counter() - t0
     except KeyboardInterrupt:
         report.interrupted = True
         raise
@@ -220,7 +242,9 @@ def _index_roots(
     settings: Settings,
 ) -> None:
     abs_roots = [os.path.abspath(r) for r in roots]
+    t0 = time.perf_counter()
     scan = scan_directories(abs_roots, options.include_hidden, options.include_system)
+    report.stage_seconds["scan"] += time.perf_counter() - t0
     report.problems.extend(scan.problems)
     valid_roots = [r for r in abs_roots if os.path.exists(r)]
     if not valid_roots:
@@ -258,6 +282,7 @@ def _prepare(
     preprocess: Callable[[Any], np.ndarray] | None,
 ) -> _Work:
     """Worker: read, hash, reuse a stored vector or decode + preprocess."""
+    t0 = time.perf_counter()
     try:
         with open(f.path, "rb") as fh:
             data = fh.read()
@@ -269,6 +294,8 @@ def _prepare(
                      size=f.size, mtime_ns=f.mtime_ns)
     chash = content_hash(data)
     work = _Work(f, "failed", chash, size=len(data), mtime_ns=st.st_mtime_ns)
+    t1 = time.perf_counter()
+    work.timings["read"] = t1 - t0
     reuse = catalogue.reusable(chash, model_id)
     if reuse is not None:
         work.kind = "reused"
@@ -279,7 +306,10 @@ def _prepare(
         return work
     try:
         decoded = decode_image(data, target)
+        t2 = time.perf_counter()
+        work.timings["decode"] = t2 - t1
         work.pixels = preprocess(decoded.image)
+        work.timings["preprocess"] = time.perf_counter() - t2
     except ImageError as err:
         work.reason = err.message
         return work
@@ -373,7 +403,9 @@ def _flush(
     vectors: dict[str, np.ndarray] = {}
     if to_encode:
         hashes = list(to_encode)
+        t0 = time.perf_counter()
         out = encoder.encode_images(np.stack([to_encode[h] for h in hashes]))
+        report.stage_seconds["encode"] += time.perf_counter() - t0
         vectors = {h: out[i] for i, h in enumerate(hashes)}
         report.encoded += len(hashes)
     rows: list[dict[str, Any]] = []
@@ -402,7 +434,11 @@ def _flush(
             report.failed[failure_kind(w.reason)] += 1
             row.update(state=STATE_FAILED, error=w.reason, attempts=attempts.get(path, 0) + 1)
         rows.append(row)
+    for w in batch:
+        report.stage_seconds.update(w.timings)
+    t0 = time.perf_counter()
     catalogue.write_batch(rows, vectors, model_id)
+    report.stage_seconds["write"] += time.perf_counter() - t0
     if vanished:
         stored = catalogue.files_under(vanished)
         catalogue.mark_missing([s.image_id for s in stored.values()])
