@@ -232,3 +232,51 @@ def test_search_works_while_another_connection_writes(settings, make_image, tmp_
     report = run_index(settings, [str(tmp_path / "photos")])
     assert report.new == 1 and report.indexed_total == 4
     writer.close()
+
+
+def test_disk_full_gives_a_clear_error_and_keeps_earlier_batches(
+    settings, make_image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+) -> None:
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    from clipsearch.catalogue.store import Catalogue as Cat
+    from clipsearch.errors import CatalogueError
+
+    for i in range(10):
+        make_image(f"{i}.png", seed=i)
+    real = Cat.write_batch
+    calls = {"n": 0}
+
+    def full_after_one(self, *a, **k):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] > 1:
+            with self._write():
+                raise OperationalError("INSERT", {}, sqlite3.OperationalError(
+                    "database or disk is full"))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Cat, "write_batch", full_after_one)
+    with pytest.raises(CatalogueError, match="disk is full"):
+        run_index(settings, [str(tmp_path / "photos")])
+    monkeypatch.setattr(Cat, "write_batch", real)
+    assert sum(s == "indexed" for s in _states(settings).values()) == 4
+    report = run_index(settings, [str(tmp_path / "photos")])
+    assert report.indexed_total == 10
+
+
+def test_file_deleted_between_listing_and_reading(settings, make_image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    keep = make_image("keep.png", seed=1)
+    doomed = make_image("doomed.png", seed=2)
+    real_scan = indexer.scan_directories
+
+    def scan_then_delete(*a, **k):  # type: ignore[no-untyped-def]
+        result = real_scan(*a, **k)
+        doomed.unlink()
+        return result
+
+    monkeypatch.setattr(indexer, "scan_directories", scan_then_delete)
+    report = run_index(settings, [str(tmp_path / "photos")])
+    assert report.failed_total == 0 and report.indexed_total == 1
+    assert _states(settings) == {str(keep): "indexed"}

@@ -6,6 +6,7 @@ import os
 import sqlite3
 import time
 import urllib.parse
+from contextlib import contextmanager
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,11 +190,31 @@ class Catalogue:
             raise CatalogueError(f"{self.path} needs a schema upgrade but is read-only")
         from alembic import command
 
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             command.upgrade(_alembic_config(conn), "head")
 
     def close(self) -> None:
         self.engine.dispose()
+
+    @contextmanager
+    def _write(self) -> Iterator[Any]:
+        """One write transaction; SQLite's failures become one-line CatalogueErrors."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except OperationalError as err:
+            reason = str(err.orig) if err.orig is not None else str(err)
+            if "locked" in reason or "busy" in reason:
+                raise CatalogueError(
+                    f"{self.path}: still locked by another process after "
+                    f"{BUSY_TIMEOUT_MS // 1000} s ({reason})",
+                    hint="another program holds a long write; try again when it is done",
+                ) from err
+            raise CatalogueError(f"cannot write {self.path}: {reason}",
+                                 hint="free disk space or check permissions; the catalogue "
+                                 "keeps every batch written before this") from err
+        except DatabaseError as err:
+            raise CatalogueError(f"cannot write {self.path}: {err.orig or err}") from err
 
     def __enter__(self) -> Catalogue:
         return self
@@ -209,7 +230,7 @@ class Catalogue:
     def set_meta(self, key: str, value: str) -> None:
         stmt = sqlite_insert(Meta).values(key=key, value=value)
         stmt = stmt.on_conflict_do_update(index_elements=[Meta.key], set_={"value": value})
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             conn.execute(stmt)
 
     def model_by_key(self, key: str) -> ModelRecord | None:
@@ -225,7 +246,7 @@ class Catalogue:
 
     def register_model(self, values: dict[str, Any], activate: bool = True) -> int:
         """Insert the model if new; make it the catalogue's model. Returns its id."""
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             existing = conn.execute(
                 select(ModelRecord.id).where(ModelRecord.key == values["key"])
             ).scalar()
@@ -250,7 +271,7 @@ class Catalogue:
     def add_roots(self, paths: Iterable[str]) -> None:
         rows = [{"path": os.fsencode(p), "added_at": time.time()} for p in paths]
         if rows:
-            with self.engine.begin() as conn:
+            with self._write() as conn:
                 conn.execute(sqlite_insert(Root).values(rows).on_conflict_do_nothing())
 
     def roots(self) -> list[str]:
@@ -284,7 +305,7 @@ class Catalogue:
             return {}
         now = time.time()
         ids: dict[str, int] = {}
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             for row in rows:
                 values = dict(row)
                 path = values.pop("path")
@@ -308,7 +329,7 @@ class Catalogue:
     ) -> None:
         """One transaction: new vectors (by content hash) and the image rows that use them."""
         now = time.time()
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             _bump_generation(conn)
             if vectors:
                 conn.execute(
@@ -342,7 +363,7 @@ class Catalogue:
     def mark_missing(self, image_ids: Sequence[int]) -> None:
         if not image_ids:
             return
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             _bump_generation(conn)
             for chunk in _chunks(list(image_ids), 500):
                 conn.execute(
@@ -480,7 +501,7 @@ class Catalogue:
     def write_labels(self, labels: Sequence[tuple[int, str, float]], model_id: int) -> None:
         """Store (image_id, label, confidence) from one classification run."""
         now = time.time()
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             for image_id, label, confidence in labels:
                 values = {"label": label, "confidence": float(confidence),
                           "model_id": model_id, "classified_at": now}
@@ -534,7 +555,7 @@ class Catalogue:
     def drop_orphan_embeddings(self) -> int:
         """Delete vectors no image row refers to any more."""
         used = select(ImageRecord.content_hash).where(ImageRecord.content_hash.is_not(None))
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             res = conn.execute(delete(Embedding).where(Embedding.content_hash.not_in(used)))
         return int(res.rowcount or 0)
 
