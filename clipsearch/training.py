@@ -250,6 +250,7 @@ def save_checkpoint(
     state = {k: v.detach().to(dtype).contiguous().clone() for k, v in model.state_dict().items()}
     weights_tmp = checkpoint_dir / (CHECKPOINT_WEIGHTS_NAME + ".tmp")
     save_file(state, str(weights_tmp))
+    weights_tmp.chmod(0o644)
     weights_tmp.replace(checkpoint_dir / CHECKPOINT_WEIGHTS_NAME)
     (checkpoint_dir / CHECKPOINT_CONFIG_NAME).write_text(
         json.dumps(config, indent=2) + "\n", encoding="utf-8"
@@ -358,6 +359,7 @@ def train_model(
         eps=1e-6,
     )
     start_step = 0
+    loss_value = float("nan")
     if resume_path is not None and resume_path.exists():
         state = torch.load(resume_path, map_location="cpu", weights_only=True)
         if state.get("config") != asdict(config):
@@ -365,6 +367,7 @@ def train_model(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_step = int(state["step"])
+        loss_value = float(state.get("loss", float("nan")))
 
     def save_resume(step: int) -> None:
         if resume_path is None:
@@ -375,6 +378,7 @@ def train_model(
             "optimizer": optimizer.state_dict(),
             "step": step,
             "config": asdict(config),
+            "loss": loss_value,
         }
         torch.save(state, tmp)
         tmp.replace(resume_path)
@@ -382,7 +386,6 @@ def train_model(
     model.train()
     losses: list[float] = []
     started = time.perf_counter()
-    loss_value = float("nan")
     for step, batch in iterate_batches(images, config.batch_size, config.seed, start_step):
         if step >= config.steps:
             break

@@ -286,9 +286,9 @@ def augment_emoji(image: Image.Image, rng: random.Random) -> Image.Image:
     if roll < 0.55:
         background = (255, 255, 255)
     elif roll < 0.8:
-        background = tuple(rng.randint(170, 255) for _ in range(3))
+        background = (rng.randint(170, 255), rng.randint(170, 255), rng.randint(170, 255))
     else:
-        background = tuple(rng.randint(0, 255) for _ in range(3))
+        background = (rng.randint(0, 255), rng.randint(0, 255), rng.randint(0, 255))
     canvas = Image.new("RGBA", (size, size), (*background, 255))
     slack = size - side
     if slack >= 0:
