@@ -270,6 +270,63 @@ def eval_(
 
 
 @app.command()
+def train(
+    folder: Annotated[Path, typer.Argument(help="Folder of training images")],
+    captions: Annotated[Path, typer.Option("--captions", "-c", help="CSV (path,caption[,group]) "
+                                           "or JSON lines; several captions per image allowed")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint folder to write "
+                                      "(then `--model OUT` loads it); resumes if present")],
+    init: Annotated[Optional[Path], typer.Option(
+        "--from", help="Fine-tune this checkpoint folder instead of training from scratch")] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help="open_clip model config JSON for training from scratch "
+        "[default: the emoji-mini architecture]")] = None,
+    steps: Annotated[int, typer.Option(help="Optimiser steps")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Image-caption pairs per step")] = 128,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate")] = 5e-4,
+    seed: Annotated[int, typer.Option(help="Seed (same seed + data = same model)")] = 0,
+    freeze_image: Annotated[bool, typer.Option(help="Lock the image tower (LiT-style)")] = False,
+    freeze_text: Annotated[bool, typer.Option(help="Lock the text tower")] = False,
+    val_folder: Annotated[Optional[Path], typer.Option(help="Labelled folder to validate on")
+                          ] = None,
+    val_captions: Annotated[Optional[Path], typer.Option(help="Its captions (as for eval)")
+                            ] = None,
+    val_every: Annotated[int, typer.Option(help="Validate every N steps (0: at the end)")] = 0,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Train or fine-tune a CLIP model contrastively on image-caption pairs."""
+    import json
+
+    from clipsearch import console
+    from clipsearch.errors import UsageError
+    from clipsearch.training import TrainConfig, TrainingError, run_training
+
+    def go() -> Any:
+        model_cfg = None
+        if config is not None:
+            try:
+                raw = json.loads(config.read_text())
+            except (OSError, ValueError) as err:
+                raise UsageError(f"{config}: unreadable model config ({err})") from err
+            model_cfg = raw.get("model_cfg", raw)
+        cfg = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=lr, seed=seed,
+                          freeze_image_tower=freeze_image, freeze_text_tower=freeze_text,
+                          warmup_steps=min(100, steps // 10))
+        try:
+            with console.train_progress() as (on_step, on_validate):
+                return run_training(folder, captions, out, cfg, model_cfg=model_cfg,
+                                    init_checkpoint=init, val_dir=val_folder,
+                                    val_captions=val_captions, val_every=val_every,
+                                    on_step=on_step, on_validate=on_validate)
+        except TrainingError as err:
+            raise UsageError(str(err)) from err
+
+    result, metrics = _run(go, verbose)
+    console.notice(f"wrote {out} after {result.steps} steps (final loss {result.final_loss:.4f}); "
+                   f"use it with --model {out}")
+
+
+@app.command()
 def check(
     repair: Annotated[bool, typer.Option("--repair", help="Fix what can be fixed")] = False,
     db: DbOpt = None,

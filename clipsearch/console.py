@@ -241,3 +241,27 @@ def eval_report(report: Any, as_json: bool) -> None:
     out.print(table)
     for f in report.failed:
         err.print(f"[yellow]skipped:[/] {escape(f)}")
+
+
+@contextmanager
+def train_progress() -> Iterator[Any]:
+    """Progress with loss and pairs/s; validation metrics printed as they come."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("loss {task.fields[loss]:.4f}"),
+                        TextColumn("{task.fields[rate]:.0f} pairs/s"), TimeRemainingColumn(),
+                        console=err)
+    task: list[Any] = []
+
+    def on_step(step: int, total: int, loss: float, rate: float) -> None:
+        if not task:
+            task.append(progress.add_task("train", total=total, loss=loss, rate=rate))
+        progress.update(task[0], completed=step, loss=loss, rate=rate)
+
+    def on_validate(step: int, metrics: dict[str, Any]) -> None:
+        shown_metrics = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if v is not None)
+        progress.console.print(f"[cyan]step {step} validation:[/] {shown_metrics}")
+
+    with progress:
+        yield on_step, on_validate

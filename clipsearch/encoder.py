@@ -366,16 +366,7 @@ class OpenClipEncoder:
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """Resize the shortest side to the model's size, centre-crop, normalise: [3, S, S]."""
-        size = self.image_size
-        w, h = image.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        resized = image.resize((nw, nh), self._resample, reducing_gap=3.0)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        crop = resized.crop((left, top, left + size, top + size))
-        arr = np.asarray(crop, dtype=np.float32) * (1.0 / 255.0)
-        arr = (arr - self._mean) / self._std
-        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+        return preprocess_image(image, self.image_size, self._mean, self._std, self._resample)
 
     def encode_images(self, batch: np.ndarray) -> np.ndarray:
         import torch
@@ -391,6 +382,63 @@ class OpenClipEncoder:
         with torch.inference_mode():
             out = self.model.encode_text(self._tokens(texts), normalize=True)
         return _normalised(out.float().cpu().numpy())
+
+
+def preprocess_image(image: Image.Image, size: int, mean: np.ndarray, std: np.ndarray,
+                     resample: Image.Resampling = Image.Resampling.BICUBIC) -> np.ndarray:
+    """open_clip's eval transform (shortest-side resize, centre crop, normalise) in numpy."""
+    w, h = image.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    resized = image.resize((nw, nh), resample, reducing_gap=3.0)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    crop = resized.crop((left, top, left + size, top + size))
+    arr = np.asarray(crop, dtype=np.float32) * (1.0 / 255.0)
+    arr = (arr - mean) / std
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+class InMemoryEncoder:
+    """The Encoder protocol over a model being trained (for validation during training)."""
+
+    def __init__(self, model: Any, tokenizer: Any, preprocess_cfg: dict[str, Any],
+                 name: str = "training") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_size = int(preprocess_cfg.get("size", 224))
+        self._mean = np.asarray(preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)),
+                                np.float32)
+        self._std = np.asarray(preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711)),
+                               np.float32)
+        self.info = ModelInfo(name, name, name, None, None, "", 0)
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.tokenizer, "context_length", 77))
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.exp().item())
+
+    def token_count(self, text: str) -> int:
+        return len(self.tokenizer.encode(text)) + 2 if hasattr(self.tokenizer, "encode") else 0
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        return preprocess_image(image, self.image_size, self._mean, self._std)
+
+    def encode_images(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model.encode_image(torch.from_numpy(batch), normalize=True)
+        return _normalised(out.float().numpy())
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model.encode_text(self.tokenizer(texts), normalize=True)
+        return _normalised(out.float().numpy())
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:

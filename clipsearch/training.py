@@ -470,3 +470,102 @@ def encode_texts(
             tokens = tokenizer(list(texts[start : start + batch_size]))
             chunks.append(model.encode_text(tokens, normalize=True).float())
     return torch.cat(chunks)
+
+
+# --------------------------------------------------------------------------- orchestration
+
+SMALL_MODEL_CFG: dict[str, Any] = {
+    "embed_dim": 256,
+    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 192, "layers": 4,
+                   "head_width": 64},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 192, "heads": 3,
+                 "layers": 4},
+}
+"""The architecture of the bundled emoji-mini model (13 M parameters)."""
+
+ValidateCallback = Callable[[int, dict[str, Any]], None]
+"""on_validate(step, metrics) with the metrics of clipsearch.evaluation.evaluate."""
+
+
+def run_training(
+    image_dir: Path,
+    captions: Path,
+    out_dir: Path,
+    config: TrainConfig,
+    model_cfg: dict[str, Any] | None = None,
+    init_checkpoint: Path | None = None,
+    val_dir: Path | None = None,
+    val_captions: Path | None = None,
+    val_every: int = 0,
+    on_step: StepCallback | None = None,
+    on_validate: ValidateCallback | None = None,
+    card: dict[str, Any] | None = None,
+) -> tuple[TrainResult, dict[str, Any] | None]:
+    """Train from a config (from scratch) or a checkpoint (fine-tune), validate every
+    `val_every` steps on a labelled folder, save an fp16 checkpoint folder `--model` loads.
+    Resumable: the resume file lives in out_dir. Returns (result, final validation metrics)."""
+    import open_clip
+
+    from clipsearch.encoder import InMemoryEncoder
+
+    images = read_captions(captions)
+    if not images:
+        raise TrainingError(f"{captions}: no captioned images")
+    missing = [i.path for i in images if not (image_dir / i.path).is_file()]
+    if missing:
+        raise TrainingError(f"{image_dir / missing[0]}: listed in {captions} but missing "
+                            f"({len(missing)} missing in all)")
+    if init_checkpoint is not None:
+        model, cfg_json = load_checkpoint(init_checkpoint)
+        model_cfg = cfg_json.get("model_cfg", cfg_json)
+        preprocess_cfg = cfg_json.get("preprocess_cfg") or make_preprocess_cfg(
+            int(model_cfg["vision_cfg"]["image_size"]))
+    else:
+        model_cfg = model_cfg or SMALL_MODEL_CFG
+        model = create_model_from_config(model_cfg, seed=config.seed)
+        preprocess_cfg = make_preprocess_cfg(int(model_cfg["vision_cfg"]["image_size"]))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = open_clip.get_tokenizer(
+        "ViT-B-32", context_length=int(model_cfg["text_cfg"].get("context_length", 77)))
+    val_items = None
+    if val_dir is not None and val_captions is not None:
+        from clipsearch.evaluation import read_labelled
+
+        val_items = read_labelled(val_captions)
+    last_metrics: dict[str, Any] | None = None
+
+    def validate(step: int) -> None:
+        nonlocal last_metrics
+        if val_items is None or val_dir is None:
+            return
+        from clipsearch.evaluation import evaluate
+
+        was_training = model.training
+        model.eval()
+        try:
+            report = evaluate(InMemoryEncoder(model, tokenizer, preprocess_cfg), val_dir,
+                              val_items)
+        finally:
+            model.train(was_training)
+        last_metrics = report.metrics
+        if on_validate is not None:
+            on_validate(step, report.metrics)
+
+    def step_hook(step: int, total: int, loss: float, pairs_per_s: float) -> None:
+        if on_step is not None:
+            on_step(step, total, loss, pairs_per_s)
+        if val_every and step % val_every == 0 and step < total:
+            validate(step)
+
+    result = train_model(model, model_cfg, image_dir, images, config,
+                         resume_path=out_dir / RESUME_FILE_NAME, on_step=step_hook)
+    validate(result.steps)
+    full_card = dict(card or {})
+    full_card.setdefault("training", {
+        "steps": result.steps, "final_loss": result.final_loss,
+        "config": asdict(config), "captions": str(captions),
+    })
+    if last_metrics is not None:
+        full_card["validation"] = last_metrics
+    save_checkpoint(model, model_cfg, out_dir, card=full_card, half=True)
+    return result, last_metrics

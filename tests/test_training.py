@@ -263,3 +263,40 @@ def test_frozen_image_tower_keeps_its_weights(
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("visual."))
     assert not torch.equal(before["token_embedding.weight"], after["token_embedding.weight"])
+
+
+def test_train_cli_writes_a_model_that_indexes_and_validates(tmp_path: Path) -> None:
+    """`clipsearch train` end to end on tiny data: checkpoint loads with --model, validation
+    metrics are recorded in the card."""
+    import json as _json
+
+    from PIL import Image as _Image
+    from typer.testing import CliRunner
+
+    from clipsearch.cli import app
+
+    rows = ["path,caption"]
+    for i, (name, colour) in enumerate([("red", (220, 20, 20)), ("green", (20, 200, 20)),
+                                        ("blue", (20, 20, 220)), ("yellow", (230, 230, 20))]):
+        _Image.new("RGB", (24, 24), colour).save(tmp_path / f"{name}.png")
+        rows.append(f"{name}.png,a {name} square")
+    (tmp_path / "caps.csv").write_text("\n".join(rows) + "\n")
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "layers": 1, "width": 16,
+                                            "patch_size": 8, "head_width": 8},
+           "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2,
+                        "layers": 1}}
+    (tmp_path / "cfg.json").write_text(_json.dumps(cfg))
+    out = tmp_path / "model"
+    res = CliRunner().invoke(app, ["train", str(tmp_path), "--captions", str(tmp_path / "caps.csv"),
+                                   "--out", str(out), "--config", str(tmp_path / "cfg.json"),
+                                   "--steps", "4", "--batch-size", "4", "--val-folder",
+                                   str(tmp_path), "--val-captions", str(tmp_path / "caps.csv"),
+                                   "--val-every", "2"])
+    assert res.exit_code == 0, res.output
+    assert "validation" in res.output
+    card = _json.loads((out / "clipsearch_model.json").read_text())
+    assert "text_to_image_R@1" in card["validation"]
+    from clipsearch.encoder import load_encoder
+
+    enc = load_encoder(str(out), device="cpu")
+    assert enc.info.dim == 16 and enc.image_size == 16
