@@ -277,20 +277,12 @@ class OpenClipEncoder:
         weights = resolved.weights_file
         if resolved.pretrained is not None:
             weights, pretrained_cfg = _hub_weights(resolved.arch, resolved.pretrained)
-        kwargs: dict[str, Any] = {}
-        for src, dst in (("mean", "image_mean"), ("std", "image_std"),
-                         ("interpolation", "image_interpolation"),
-                         ("resize_mode", "image_resize_mode")):
-            if pretrained_cfg.get(src):
-                kwargs[dst] = pretrained_cfg[src]
         try:
             if resolved.local_dir is not None:
                 model = open_clip.create_model(resolved.open_clip_name, device="cpu")
                 tokenizer = open_clip.get_tokenizer(resolved.open_clip_name)
             else:
-                model = open_clip.create_model(
-                    resolved.arch, pretrained=weights, device="cpu", **kwargs
-                )
+                model = open_clip.create_model(resolved.arch, pretrained=weights, device="cpu")
                 tokenizer = open_clip.get_tokenizer(resolved.arch)
         except ModelError:
             raise
@@ -317,7 +309,10 @@ class OpenClipEncoder:
         self._dtype = dtype
         self.model = model.to(device=self.device, dtype=dtype)
         self.tokenizer = tokenizer
-        pp = getattr(model.visual, "preprocess_cfg", {}) or {}
+        pp = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+        # A tag's own preprocessing (mean/std/interpolation) wins, as in open_clip.
+        pp.update({k: v for k, v in pretrained_cfg.items()
+                   if k in ("mean", "std", "interpolation", "size") and v})
         size = pp.get("size", getattr(model.visual, "image_size", 224))
         self.image_size = int(size[0] if isinstance(size, (list, tuple)) else size)
         self._mean = np.asarray(pp.get("mean", (0.48145466, 0.4578275, 0.40821073)), np.float32)

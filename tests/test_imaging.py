@@ -143,3 +143,16 @@ def test_mpo_uses_the_primary_frame() -> None:
     first.save(buf, "MPO", save_all=True, append_images=[second])
     r, _, b = np.asarray(decode_image(buf.getvalue()).image)[8, 8]
     assert r > 200 and b < 60
+
+
+def test_any_decoder_exception_becomes_a_one_line_image_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by fuzzing: the AVIF decoder raises RuntimeError on damaged files."""
+    data = _bytes(Image.new("RGB", (8, 8)), "PNG")
+
+    def boom(*_a, **_k):  # type: ignore[no-untyped-def]
+        raise RuntimeError("Failed to decode image:\nMissing or empty image item")
+
+    monkeypatch.setattr(Image, "open", boom)
+    with pytest.raises(ImageError) as info:
+        decode_image(data)
+    assert "corrupt" in info.value.message and "\n" not in info.value.message
