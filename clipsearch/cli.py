@@ -277,7 +277,8 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint folder to write "
                                       "(then `--model OUT` loads it); resumes if present")],
     init: Annotated[Optional[Path], typer.Option(
-        "--from", help="Fine-tune this checkpoint folder instead of training from scratch")] = None,
+        "--from", help="Fine-tune this checkpoint folder (or bundled model, e.g. emoji-mini) "
+        "instead of training from scratch")] = None,
     config: Annotated[Optional[Path], typer.Option(
         "--config", help="open_clip model config JSON for training from scratch "
         "[default: the emoji-mini architecture]")] = None,
@@ -302,7 +303,12 @@ def train(
     from clipsearch.training import TrainConfig, TrainingError, run_training
 
     def go() -> Any:
+        from clipsearch.encoder import BUNDLED_MODELS_DIR, bundled_models
+
         model_cfg = None
+        start = init
+        if start is not None and not start.exists() and str(start) in bundled_models():
+            start = BUNDLED_MODELS_DIR / str(start)
         if config is not None:
             try:
                 raw = json.loads(config.read_text())
@@ -315,7 +321,7 @@ def train(
         try:
             with console.train_progress() as (on_step, on_validate):
                 return run_training(folder, captions, out, cfg, model_cfg=model_cfg,
-                                    init_checkpoint=init, val_dir=val_folder,
+                                    init_checkpoint=start, val_dir=val_folder,
                                     val_captions=val_captions, val_every=val_every,
                                     on_step=on_step, on_validate=on_validate)
         except TrainingError as err:

@@ -277,8 +277,18 @@ class OpenClipEncoder:
         weights = resolved.weights_file
         if resolved.pretrained is not None:
             weights, pretrained_cfg = _hub_weights(resolved.arch, resolved.pretrained)
+        local_cfg: dict[str, Any] = {}
+        if resolved.local_dir is not None:
+            try:
+                local_cfg = json.loads(Path(resolved.local_dir, "open_clip_config.json").read_text())
+            except (OSError, ValueError) as err:
+                raise ModelError(f"{resolved.local_dir}: unreadable model config ({err})") from err
         try:
-            if resolved.local_dir is not None:
+            if resolved.local_dir is not None and _is_sentence_cfg(local_cfg):
+                from clipsearch.sentence_tower import load_sentence_clip
+
+                model, tokenizer, _ = load_sentence_clip(Path(resolved.local_dir))
+            elif resolved.local_dir is not None:
                 model = open_clip.create_model(resolved.open_clip_name, device="cpu")
                 tokenizer = open_clip.get_tokenizer(resolved.open_clip_name)
             else:
@@ -296,8 +306,7 @@ class OpenClipEncoder:
             from clipsearch.text_tower import describe_text_tower
 
             if resolved.local_dir is not None:
-                cfg_json = json.loads(Path(resolved.local_dir, "open_clip_config.json").read_text())
-                model_cfg = cfg_json.get("model_cfg", cfg_json)
+                model_cfg = local_cfg.get("model_cfg", local_cfg)
             else:
                 model_cfg = open_clip.get_model_config(resolved.arch) or {}
             self.text_tower = describe_text_tower(model, model_cfg)
@@ -434,6 +443,11 @@ class InMemoryEncoder:
         with torch.inference_mode():
             out = self.model.encode_text(self.tokenizer(texts), normalize=True)
         return _normalised(out.float().numpy())
+
+
+def _is_sentence_cfg(config: dict[str, Any]) -> bool:
+    model_cfg = config.get("model_cfg", config)
+    return (model_cfg.get("text_cfg") or {}).get("kind") == "bert-sentence"
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""A torch-free text tower: open_clip's BPE tokenizer and CLIP text transformer in numpy.
+"""A torch-free text tower: open_clip's BPE tokenizer and CLIP text transformer in numpy,
+and the sentence-encoder (BERT) tower of clipsearch.sentence_tower with its word pieces.
 
 Cold `search` must not pay for importing torch and open_clip (seconds). For the standard
 CLIP text tower (token + position embeddings, pre-LN residual attention blocks with a causal
@@ -128,10 +129,11 @@ class BpeTokenizer:
         return out
 
 
-def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray,
+                eps: float = LAYER_NORM_EPS) -> np.ndarray:
     mu = x.mean(-1, keepdims=True)
     var = ((x - mu) ** 2).mean(-1, keepdims=True)
-    return (x - mu) / np.sqrt(var + LAYER_NORM_EPS) * w + b
+    return (x - mu) / np.sqrt(var + eps) * w + b
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
@@ -157,6 +159,15 @@ def describe_text_tower(model: Any, model_cfg: dict[str, Any]) -> dict[str, Any]
     """What the numpy path needs to rebuild this open_clip model's text tower, or None if
     the tower is not the standard CLIP one. Called with the torch model at index time."""
     text_cfg = dict(model_cfg.get("text_cfg") or {})
+    if text_cfg.get("kind") == "bert-sentence":
+        bert = text_cfg["bert"]
+        return {
+            "kind": "bert-sentence",
+            "layers": int(bert["num_hidden_layers"]),
+            "heads": int(bert["num_attention_heads"]),
+            "eps": float(bert.get("layer_norm_eps", 1e-12)),
+            "context_length": int(text_cfg.get("context_length", 32)),
+        }
     if text_cfg.get("hf_model_name") or text_cfg.get("hf_tokenizer_name"):
         return None
     if text_cfg.get("no_causal_mask") or text_cfg.get("final_ln_after_pool"):
@@ -244,7 +255,77 @@ class NumpyTextEncoder:
         return (pooled / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-def load_fast_text_encoder(record: dict[str, Any]) -> NumpyTextEncoder | None:
+class NumpyBertEncoder:
+    """A sentence-encoder text tower (clipsearch.sentence_tower) in numpy: word pieces, BERT
+    post-LN layers, mean pooling, L2 norm, optional projection; equal to the torch model."""
+
+    def __init__(self, weights_file: str, tower: dict[str, Any]) -> None:
+        from safetensors import safe_open
+        from tokenizers import Tokenizer
+
+        self.tower = tower
+        self.w: dict[str, np.ndarray] = {}
+        with safe_open(weights_file, framework="np") as f:
+            for k in f.keys():
+                if k.startswith("text."):
+                    self.w[k[len("text."):]] = f.get_tensor(k).astype(np.float32)
+        if "bert.embeddings.word_embeddings.weight" not in self.w:
+            raise KeyError(f"{weights_file}: not a sentence-encoder text tower")
+        self.context_length = int(tower["context_length"])
+        self._tok = Tokenizer.from_file(str(Path(weights_file).parent / "tokenizer.json"))
+        self._tok.no_padding()
+        self._tok.enable_truncation(max_length=self.context_length)
+
+    def token_count(self, text: str) -> int:
+        return len(self._tok.encode(text, add_special_tokens=False).ids) + 2
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        w, eps, heads = self.w, self.tower["eps"], self.tower["heads"]
+        encodings = self._tok.encode_batch(list(texts))
+        n = max(len(e.ids) for e in encodings)
+        tokens = np.zeros((len(texts), n), dtype=np.int64)
+        for row, enc in enumerate(encodings):
+            tokens[row, : len(enc.ids)] = enc.ids
+        mask = tokens != 0
+        e = "bert.embeddings."
+        x = (w[e + "word_embeddings.weight"][tokens] + w[e + "position_embeddings.weight"][:n]
+             + w[e + "token_type_embeddings.weight"][0])
+        x = _layer_norm(x, w[e + "LayerNorm.weight"], w[e + "LayerNorm.bias"], eps)
+        bias = np.where(mask, 0.0, -np.inf).astype(np.float32)[:, None, None, :]
+        bsz, _, d = x.shape
+        hd = d // heads
+        for i in range(self.tower["layers"]):
+            b = f"bert.encoder.layer.{i}."
+
+            def lin(h: np.ndarray, name: str) -> np.ndarray:
+                return h @ w[b + name + ".weight"].T + w[b + name + ".bias"]  # noqa: B023
+
+            def split(t: np.ndarray) -> np.ndarray:
+                return t.reshape(bsz, n, heads, hd).transpose(0, 2, 1, 3)
+
+            q = split(lin(x, "attention.self.query"))
+            k = split(lin(x, "attention.self.key"))
+            v = split(lin(x, "attention.self.value"))
+            att = (q @ k.transpose(0, 1, 3, 2)) / np.sqrt(hd) + bias
+            att = np.exp(att - att.max(-1, keepdims=True))
+            att /= att.sum(-1, keepdims=True)
+            o = (att @ v).transpose(0, 2, 1, 3).reshape(bsz, n, d)
+            x = _layer_norm(x + lin(o, "attention.output.dense"),
+                            w[b + "attention.output.LayerNorm.weight"],
+                            w[b + "attention.output.LayerNorm.bias"], eps)
+            h = _gelu(lin(x, "intermediate.dense"))
+            x = _layer_norm(x + lin(h, "output.dense"), w[b + "output.LayerNorm.weight"],
+                            w[b + "output.LayerNorm.bias"], eps)
+        m = mask[..., None].astype(np.float32)
+        pooled = (x * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+        pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+        if "proj.weight" in w:
+            pooled = pooled @ w["proj.weight"].T
+        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+        return (pooled / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def load_fast_text_encoder(record: dict[str, Any]) -> NumpyTextEncoder | NumpyBertEncoder | None:
     """The numpy text tower for a recorded model, if its weights file is unchanged."""
     path = record.get("weights")
     if not path or not str(path).endswith(".safetensors"):
@@ -256,6 +337,8 @@ def load_fast_text_encoder(record: dict[str, Any]) -> NumpyTextEncoder | None:
     if st.st_size != record.get("size") or st.st_mtime_ns != record.get("mtime_ns"):
         return None
     try:
+        if record["tower"].get("kind") == "bert-sentence":
+            return NumpyBertEncoder(path, record["tower"])
         return NumpyTextEncoder(path, record["tower"])
     except (KeyError, OSError, ValueError):
         return None

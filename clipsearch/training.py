@@ -181,13 +181,42 @@ def iterate_batches(
 # --------------------------------------------------------------------------- model
 
 
+def is_sentence_model(model_cfg: dict[str, Any]) -> bool:
+    """A config whose text tower is a pretrained sentence encoder (clipsearch.sentence_tower)."""
+    return (model_cfg.get("text_cfg") or {}).get("kind") == "bert-sentence"
+
+
 def create_model_from_config(model_cfg: dict[str, Any], seed: int = 0) -> CLIP:
-    """Build a freshly initialised open_clip CLIP model from a model config dict."""
+    """Build a freshly initialised model (open_clip CLIP, or SentenceCLIP) from a config."""
     import torch
     from open_clip.model import CLIP
 
+    if is_sentence_model(model_cfg):
+        from clipsearch.sentence_tower import create_sentence_clip, load_pretrained_trunk
+
+        model = create_sentence_clip(model_cfg, seed)
+        trunk = model_cfg["text_cfg"].get("trunk_weights")
+        if trunk:
+            load_pretrained_trunk(model, trunk)
+        return model  # type: ignore[return-value]
     torch.manual_seed(seed)
     return CLIP(**model_cfg)
+
+
+def make_tokenizer(model_cfg: dict[str, Any], model_dir: Path | None = None) -> Any:
+    """The tokenizer a config needs: open_clip's BPE, or the sentence encoder's word pieces."""
+    context_length = int(model_cfg["text_cfg"].get("context_length", 77))
+    if is_sentence_model(model_cfg):
+        from clipsearch.sentence_tower import TOKENIZER_FILE_NAME, WordPieceTokenizer
+
+        source = model_cfg["text_cfg"].get("tokenizer_file") or (
+            model_dir / TOKENIZER_FILE_NAME if model_dir else None)
+        if source is None:
+            raise TrainingError("a sentence text tower needs text_cfg.tokenizer_file")
+        return WordPieceTokenizer(source, context_length)
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer(context_length=context_length)
 
 
 def load_checkpoint(checkpoint_dir: Path) -> tuple[CLIP, dict[str, Any]]:
@@ -196,6 +225,11 @@ def load_checkpoint(checkpoint_dir: Path) -> tuple[CLIP, dict[str, Any]]:
     from open_clip.model import CLIP
 
     config = json.loads((checkpoint_dir / CHECKPOINT_CONFIG_NAME).read_text(encoding="utf-8"))
+    if is_sentence_model(config.get("model_cfg", config)):
+        from clipsearch.sentence_tower import load_sentence_clip
+
+        sentence_model, _, _ = load_sentence_clip(checkpoint_dir)
+        return sentence_model.float().eval(), config  # type: ignore[return-value]
     model = open_clip.create_model("local-dir:" + str(checkpoint_dir), device="cpu")
     if not isinstance(model, CLIP):
         raise TrainingError(f"{checkpoint_dir} does not hold a plain open_clip CLIP model")
@@ -252,6 +286,18 @@ def save_checkpoint(
     save_file(state, str(weights_tmp))
     weights_tmp.chmod(0o644)
     weights_tmp.replace(checkpoint_dir / CHECKPOINT_WEIGHTS_NAME)
+    if is_sentence_model(model_cfg):
+        import shutil
+
+        from clipsearch.sentence_tower import TOKENIZER_FILE_NAME
+
+        text_cfg = dict(model_cfg["text_cfg"])
+        text_cfg.pop("trunk_weights", None)  # the weights file now holds the trunk
+        source = text_cfg.pop("tokenizer_file", None)
+        target = checkpoint_dir / TOKENIZER_FILE_NAME
+        if source and Path(source).resolve() != target.resolve():
+            shutil.copyfile(source, target)
+        config["model_cfg"] = {**model_cfg, "text_cfg": text_cfg}
     (checkpoint_dir / CHECKPOINT_CONFIG_NAME).write_text(
         json.dumps(config, indent=2) + "\n", encoding="utf-8"
     )
@@ -302,9 +348,12 @@ def _learning_rate(config: TrainConfig, step: int) -> float:
 
 
 def _freeze_towers(model: CLIP, config: TrainConfig) -> None:
+    """Lock a tower (LiT); a sentence tower's newly made projection, if any, still learns."""
     for name, parameter in model.named_parameters():
         is_image = name.startswith("visual.")
         is_text = not is_image and name not in ("logit_scale", "logit_bias")
+        if name.startswith("text.proj."):
+            is_text = False
         if (is_image and config.freeze_image_tower) or (is_text and config.freeze_text_tower):
             parameter.requires_grad_(False)
 
@@ -326,13 +375,12 @@ def train_model(
     not. The resume file holds model, optimizer and step; it is written atomically.
     """
     import torch
-    from open_clip.tokenizer import SimpleTokenizer
     from PIL import Image
 
     if len(images) < config.batch_size:
         raise TrainingError(f"need at least {config.batch_size} images, got {len(images)}")
     torch.manual_seed(config.seed)
-    tokenizer = SimpleTokenizer(context_length=int(model_cfg["text_cfg"].get("context_length", 77)))
+    tokenizer = make_tokenizer(model_cfg)
     transform = make_image_transform(
         make_preprocess_cfg(int(model_cfg["vision_cfg"]["image_size"]))
     )
@@ -383,7 +431,20 @@ def train_model(
         torch.save(state, tmp)
         tmp.replace(resume_path)
 
+    # A locked sentence-encoder trunk gives each caption one fixed vector: compute it once.
+    sentence_cache: dict[str, torch.Tensor] = {}
+    if config.freeze_text_tower and hasattr(getattr(model, "text", None), "project"):
+        unique = sorted({c for item in images for c in item.captions})
+        model.text.eval()
+        with torch.no_grad():
+            for start in range(0, len(unique), 512):
+                chunk = unique[start : start + 512]
+                for caption, vector in zip(chunk, model.text.bert(tokenizer(chunk))):
+                    sentence_cache[caption] = vector
+
     model.train()
+    if sentence_cache:
+        model.text.eval()
     losses: list[float] = []
     started = time.perf_counter()
     for step, batch in iterate_batches(images, config.batch_size, config.seed, start_step):
@@ -400,12 +461,16 @@ def train_model(
             rgb = augment(rgba, rng) if augment is not None else composite_rgba(rgba)
             image_tensors.append(transform(rgb))
         image_batch = torch.stack(image_tensors)
-        text_batch = tokenizer(texts)
+        text_batch = None if sentence_cache else tokenizer(texts)
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(config, step)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16_autocast):
             image_features = model.encode_image(image_batch)
-            text_features = model.encode_text(text_batch)
+            if sentence_cache:
+                text_features = model.text.project(torch.stack([sentence_cache[t]
+                                                                for t in texts]))
+            else:
+                text_features = model.encode_text(text_batch)
         loss = clip_loss(image_features, text_features, model.logit_scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
@@ -457,13 +522,14 @@ def encode_image_files(
 
 
 def encode_texts(
-    model: CLIP, context_length: int, texts: Sequence[str], batch_size: int = 512
+    model: CLIP, context_length: int, texts: Sequence[str], batch_size: int = 512,
+    tokenizer: Any = None,
 ) -> torch.Tensor:
-    """L2-normalised embeddings of texts with the standard open_clip BPE tokenizer."""
+    """L2-normalised embeddings of texts (open_clip's BPE tokenizer unless one is given)."""
     import torch
     from open_clip.tokenizer import SimpleTokenizer
 
-    tokenizer = SimpleTokenizer(context_length=context_length)
+    tokenizer = tokenizer or SimpleTokenizer(context_length=context_length)
     chunks = []
     for start in range(0, len(texts), batch_size):
         with torch.no_grad():
@@ -516,8 +582,17 @@ def run_training(
         raise TrainingError(f"{image_dir / missing[0]}: listed in {captions} but missing "
                             f"({len(missing)} missing in all)")
     if init_checkpoint is not None:
+        if not (init_checkpoint / CHECKPOINT_CONFIG_NAME).is_file():
+            raise TrainingError(f"{init_checkpoint}: not a checkpoint folder "
+                                f"({CHECKPOINT_CONFIG_NAME} missing)")
         model, cfg_json = load_checkpoint(init_checkpoint)
         model_cfg = cfg_json.get("model_cfg", cfg_json)
+        if is_sentence_model(model_cfg):
+            from clipsearch.sentence_tower import TOKENIZER_FILE_NAME
+
+            model_cfg = {**model_cfg, "text_cfg": {
+                **model_cfg["text_cfg"],
+                "tokenizer_file": str(init_checkpoint / TOKENIZER_FILE_NAME)}}
         preprocess_cfg = cfg_json.get("preprocess_cfg") or make_preprocess_cfg(
             int(model_cfg["vision_cfg"]["image_size"]))
     else:
@@ -525,8 +600,7 @@ def run_training(
         model = create_model_from_config(model_cfg, seed=config.seed)
         preprocess_cfg = make_preprocess_cfg(int(model_cfg["vision_cfg"]["image_size"]))
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = open_clip.get_tokenizer(
-        "ViT-B-32", context_length=int(model_cfg["text_cfg"].get("context_length", 77)))
+    tokenizer = make_tokenizer(model_cfg)
     val_items = None
     if val_dir is not None and val_captions is not None:
         from clipsearch.evaluation import read_labelled

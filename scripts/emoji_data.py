@@ -13,8 +13,8 @@ from pathlib import Path
 from PIL import Image, ImageEnhance
 
 EMOJI_DATASOURCE_VERSION = "16.0.0"
-PERMISSIVE_STYLES = ("google", "twitter")
-"""Noto (Apache-2.0) and Twemoji (CC-BY-4.0): may be trained on and shipped."""
+PERMISSIVE_STYLES = ("google", "twitter", "fluent-flat", "fluent-color", "fluent-3d")
+"""Noto (Apache-2.0), Twemoji (CC-BY-4.0), Fluent (MIT): may be trained on and shipped."""
 EVALUATION_ONLY_STYLES = ("apple", "facebook")
 """Not licensed for redistribution: used only to measure, never trained on or committed."""
 
@@ -166,32 +166,111 @@ class Emoji:
     image: str
 
 
+FLUENT_PACKAGES: dict[str, str] = {
+    "fluent-flat": "@iconify-json/fluent-emoji-flat@1.2.6",
+    "fluent-color": "@iconify-json/fluent-emoji@1.2.7",
+    "fluent-3d": "@lobehub/fluent-emoji-3d@1.1.0",
+}
+"""Microsoft's Fluent Emoji (MIT) in three styles; rendered to 64 px PNGs before use."""
+RENDER_SIZE_PX = 64
+
+
+def _package_spec(style: str) -> str:
+    return FLUENT_PACKAGES.get(style) or f"emoji-datasource-{style}@{EMOJI_DATASOURCE_VERSION}"
+
+
+def _package_dir(node_modules: Path, style: str) -> Path:
+    return node_modules / _package_spec(style).rsplit("@", 1)[0]
+
+
 def install_emoji_datasource(cache_dir: Path, styles: tuple[str, ...]) -> Path:
-    """npm-install the emoji-datasource packages into cache_dir; return node_modules."""
+    """npm-install the art of every style (plus Google's emoji.json) into cache_dir; render
+    the Fluent styles to PNG; return node_modules."""
     node_modules = cache_dir / "node_modules"
-    missing = [s for s in styles if not (node_modules / f"emoji-datasource-{s}").is_dir()]
+    wanted = tuple(dict.fromkeys(("google", *styles)))
+    missing = [s for s in wanted if not _package_dir(node_modules, s).is_dir()]
     if missing:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        specs = [f"emoji-datasource-{s}@{EMOJI_DATASOURCE_VERSION}" for s in missing]
         subprocess.run(
-            ["npm", "install", "--prefix", str(cache_dir), "--no-audit", "--no-fund", *specs],
+            ["npm", "install", "--prefix", str(cache_dir), "--no-audit", "--no-fund",
+             *[_package_spec(s) for s in missing]],
             check=True,
         )
+    for style in wanted:
+        if style in FLUENT_PACKAGES:
+            render_fluent_style(node_modules, style)
     return node_modules
 
 
 def style_image_dir(node_modules: Path, style: str) -> Path:
     """Folder holding the 64 px PNGs of one style."""
+    if style in FLUENT_PACKAGES:
+        return node_modules.parent / "rendered" / style
     return node_modules / f"emoji-datasource-{style}" / "img" / style / "64"
+
+
+def _codepoint_keys(entry: dict[str, object]) -> list[str]:
+    keys = [str(entry["unified"]).lower()]
+    if entry.get("non_qualified"):
+        keys.append(str(entry["non_qualified"]).lower())
+    keys.append(keys[0].replace("-fe0f", ""))
+    return list(dict.fromkeys(keys))
+
+
+def render_fluent_style(node_modules: Path, style: str) -> Path:
+    """Write <unified>.png (64 px RGBA) for every base emoji the Fluent package draws."""
+    out = style_image_dir(node_modules, style)
+    done = out / ".complete"
+    if done.is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    entries = json.loads((_package_dir(node_modules, "google") / "emoji.json").read_text("utf-8"))
+    package = _package_dir(node_modules, style)
+    if style == "fluent-3d":
+        for entry in entries:
+            for key in _codepoint_keys(entry):
+                source = package / "assets" / f"{key}.webp"
+                if source.is_file():
+                    with Image.open(source) as opened:
+                        small = opened.convert("RGBA").resize(
+                            (RENDER_SIZE_PX, RENDER_SIZE_PX), Image.Resampling.LANCZOS)
+                    small.save(out / f"{str(entry['unified']).lower()}.png")
+                    break
+    else:
+        import resvg_py
+
+        chars = json.loads((_package_dir(node_modules, "fluent-flat") / "chars.json")
+                           .read_text("utf-8"))
+        icon_set = json.loads((package / "icons.json").read_text("utf-8"))
+        icons = icon_set["icons"]
+        for entry in entries:
+            name = next((chars[k] for k in _codepoint_keys(entry) if k in chars), None)
+            icon = icons.get(name) if name else None
+            if icon is None:
+                continue
+            w, h = icon.get("width", icon_set.get("width", 16)), icon.get(
+                "height", icon_set.get("height", 16))
+            svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+                   f'viewBox="0 0 {w} {h}">{icon["body"]}</svg>')
+            png = resvg_py.svg_to_bytes(svg_string=svg, width=RENDER_SIZE_PX,
+                                        height=RENDER_SIZE_PX)
+            (out / f"{str(entry['unified']).lower()}.png").write_bytes(bytes(png))
+    done.write_text("ok\n")
+    return out
 
 
 def read_emoji(node_modules: Path, style: str) -> list[Emoji]:
     """Base emoji that have an image in ``style``, in emoji.json sort order."""
+    catalogue_style = "google" if style in FLUENT_PACKAGES else style
     entries = json.loads(
-        (node_modules / f"emoji-datasource-{style}" / "emoji.json").read_text(encoding="utf-8")
+        (_package_dir(node_modules, catalogue_style) / "emoji.json").read_text(encoding="utf-8")
     )
     entries.sort(key=lambda e: e["sort_order"])
     image_dir = style_image_dir(node_modules, style)
+
+    def image_of(e: dict[str, object]) -> str:
+        return f"{str(e['unified']).lower()}.png" if style in FLUENT_PACKAGES else str(e["image"])
+
     return [
         Emoji(
             unified=e["unified"],
@@ -199,10 +278,11 @@ def read_emoji(node_modules: Path, style: str) -> list[Emoji]:
             short_names=tuple(e["short_names"]),
             category=e["category"],
             subcategory=e["subcategory"],
-            image=e["image"],
+            image=image_of(e),
         )
         for e in entries
-        if e.get(f"has_img_{style}") and (image_dir / e["image"]).is_file()
+        if (style in FLUENT_PACKAGES or e.get(f"has_img_{style}"))
+        and (image_dir / image_of(e)).is_file()
     ]
 
 

@@ -204,12 +204,9 @@ def no_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def _load_bundled_model() -> tuple[Any, Any, Any]:
-    import open_clip
-
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        "local-dir:" + str(BUNDLED_MODEL_DIR)
-    )
-    tokenizer = open_clip.get_tokenizer("local-dir:" + str(BUNDLED_MODEL_DIR))
+    model, config = training.load_checkpoint(BUNDLED_MODEL_DIR)
+    preprocess = training.make_image_transform(config["preprocess_cfg"])
+    tokenizer = training.make_tokenizer(config["model_cfg"], BUNDLED_MODEL_DIR)
     return model.eval(), preprocess, tokenizer
 
 
@@ -225,29 +222,47 @@ def test_bundled_model_loads_offline_with_its_card(no_network: None) -> None:
     assert features.shape == (1, card["architecture"]["embed_dim"])
 
 
-def test_bundled_model_ranks_each_sample_query_image_in_its_top_3(no_network: None) -> None:
-    import torch
-    from PIL import Image
+def test_bundled_model_ranks_each_sample_query_image_in_its_top_3(
+    no_network: None, tmp_path: Path
+) -> None:
+    """The quickstart, as a library call: index sample_data with emoji-mini, then every query
+    in sample_data/queries.tsv puts its expected image in the top 3."""
+    from clipsearch.config import resolve_settings
+    from clipsearch.indexer import run_index
+    from clipsearch.search import SearchOptions, search
 
     with (SAMPLE_DATA_DIR / "queries.tsv").open(encoding="utf-8", newline="") as f:
         queries = list(csv.DictReader(f, delimiter="\t"))
-    assert len(queries) >= 10
-    image_paths = sorted((SAMPLE_DATA_DIR / "emoji").glob("*.png"))
-    names = [p.relative_to(SAMPLE_DATA_DIR).as_posix() for p in image_paths]
-    model, preprocess, tokenizer = _load_bundled_model()
-    with torch.no_grad():
-        images = torch.stack(
-            [preprocess(training.composite_rgba(Image.open(p))) for p in image_paths]
-        )
-        image_features = model.encode_image(images, normalize=True)
-        text_features = model.encode_text(tokenizer([q["query"] for q in queries]), normalize=True)
-    top3 = (text_features @ image_features.T).topk(3, dim=1).indices.tolist()
-    misses = [
-        (q["query"], q["expected"], [names[i] for i in top])
-        for q, top in zip(queries, top3, strict=True)
-        if q["expected"] not in [names[i] for i in top]
-    ]
+    assert len(queries) >= 20
+    settings = resolve_settings(db=tmp_path / "catalogue.sqlite3", model="emoji-mini")
+    report = run_index(settings, [str(SAMPLE_DATA_DIR)])
+    images = sorted(p for p in SAMPLE_DATA_DIR.rglob("*") if p.suffix in (".png", ".jpg"))
+    assert report.failed_total == 0 and report.new == len(images)
+    misses = []
+    for q in queries:
+        response = search(settings, [q["query"]], SearchOptions(top_k=3))
+        top = [Path(r.path).relative_to(SAMPLE_DATA_DIR).as_posix() for r in response.results]
+        if q["expected"] not in top:
+            misses.append((q["query"], q["expected"], top))
     assert not misses
+    # A cold `search` process answers the same from the numpy text tower, without torch.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, json\n"
+        "from clipsearch.config import resolve_settings\n"
+        "from clipsearch.search import SearchOptions, search\n"
+        f"r = search(resolve_settings(db={str(settings.db_path)!r}), [{queries[0]['query']!r}],"
+        " SearchOptions(top_k=3))\n"
+        "print(json.dumps({'paths': [x.path for x in r.results],"
+        " 'torch': 'torch' in sys.modules}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    warm = [r.path for r in search(settings, [queries[0]["query"]],
+                                   SearchOptions(top_k=3)).results]
+    assert json.loads(out.stdout) == {"paths": warm, "torch": False}
 
 
 def test_frozen_image_tower_keeps_its_weights(
@@ -300,3 +315,67 @@ def test_train_cli_writes_a_model_that_indexes_and_validates(tmp_path: Path) -> 
 
     enc = load_encoder(str(out), device="cpu")
     assert enc.info.dim == 16 and enc.image_size == 16
+
+
+TOKENIZER_FILE = BUNDLED_MODEL_DIR / "tokenizer.json"
+TINY_SENTENCE_CFG: dict[str, Any] = {
+    "embed_dim": 24,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+    "text_cfg": {
+        "kind": "bert-sentence", "context_length": 16, "tokenizer_file": str(TOKENIZER_FILE),
+        "bert": {"vocab_size": 30522, "hidden_size": 24, "num_hidden_layers": 2,
+                 "num_attention_heads": 2, "intermediate_size": 48,
+                 "max_position_embeddings": 32, "type_vocab_size": 2, "layer_norm_eps": 1e-12},
+    },
+}
+
+
+def test_locked_sentence_tower_trains_only_the_image_side_and_the_loss_falls(
+    tiny_dataset: tuple[Path, list[training.CaptionedImage]],
+) -> None:
+    """LiT: a pretrained sentence encoder stays fixed (captions encoded once), the image
+    tower and the text projection learn, and the CLIP loss falls."""
+    import torch
+
+    image_dir, images = tiny_dataset
+    model = training.create_model_from_config(TINY_SENTENCE_CFG, seed=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = training.TrainConfig(steps=30, batch_size=8, learning_rate=3e-3, warmup_steps=2,
+                                  freeze_text_tower=True)
+    result = training.train_model(model, TINY_SENTENCE_CFG, image_dir, images, config)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("text.bert."))
+    assert not torch.equal(before["text.proj.weight"], after["text.proj.weight"])
+    assert not torch.equal(before["visual.conv1.weight"], after["visual.conv1.weight"])
+    assert sum(result.losses[-5:]) / 5 < 0.8 * (sum(result.losses[:5]) / 5)
+
+
+def test_sentence_checkpoint_reloads_and_the_numpy_path_matches(
+    tiny_dataset: tuple[Path, list[training.CaptionedImage]], tmp_path: Path
+) -> None:
+    import numpy as np
+
+    from clipsearch.encoder import load_encoder
+    from clipsearch.text_tower import NumpyBertEncoder
+
+    image_dir, images = tiny_dataset
+    model = training.create_model_from_config(TINY_SENTENCE_CFG, seed=3)
+    config = training.TrainConfig(steps=2, batch_size=8, warmup_steps=1)
+    training.train_model(model, TINY_SENTENCE_CFG, image_dir, images, config)
+    out = training.save_checkpoint(model, TINY_SENTENCE_CFG, tmp_path / "sentence")
+    assert (out / "tokenizer.json").is_file()
+    saved_cfg = json.loads((out / "open_clip_config.json").read_text())["model_cfg"]
+    assert "tokenizer_file" not in saved_cfg["text_cfg"]  # no path of this machine inside
+    reloaded, _ = training.load_checkpoint(out)
+    tokenizer = training.make_tokenizer(saved_cfg, out)
+    texts = ["a red square", "something to eat", "a very long caption " * 10]
+    expected = training.encode_texts(training.round_to_half(model), 16, texts,
+                                     tokenizer=tokenizer)
+    assert np.array_equal(training.encode_texts(reloaded, 16, texts, tokenizer=tokenizer)
+                          .numpy(), expected.numpy())
+    encoder = load_encoder(str(out), device="cpu", precision="fp32")
+    assert encoder.info.dim == 24 and encoder.context_length == 16
+    torch_path = encoder.encode_texts(texts)
+    numpy_path = NumpyBertEncoder(encoder.weights_file, encoder.text_tower).encode_texts(texts)
+    np.testing.assert_allclose(numpy_path, torch_path, atol=1e-5)
+    np.testing.assert_allclose(torch_path, expected.numpy(), atol=1e-5)
