@@ -259,10 +259,16 @@ def write_sample_data(model_dir: Path, node_modules: Path, out_dir: Path) -> int
     photos = write_sample_photos(out_dir)
     paths += [path for path, _, _ in photos]
     licence_rows += [row for _, _, row in photos]
-    model, config = training.load_checkpoint(model_dir)
-    model_cfg = config["model_cfg"]
-    preprocess_cfg = training.make_preprocess_cfg(model_cfg["vision_cfg"]["image_size"])
-    image_embeddings = training.encode_image_files(model, preprocess_cfg, paths)
+    # Rank exactly as `clipsearch index` + `search` will: the product's decoder (EXIF
+    # rotation, alpha on its background) and the product's encoder on this model folder.
+    import numpy as np
+
+    from clipsearch.encoder import load_encoder
+    from clipsearch.imaging import decode_file
+
+    encoder = load_encoder(str(model_dir), device="cpu")
+    image_embeddings = encoder.encode_images(np.stack(
+        [encoder.preprocess(decode_file(str(p), encoder.image_size).image) for p in paths]))
     candidates = []
     for index, (stem, name) in enumerate(SAMPLE_CONCEPTS.items()):
         word = stem.replace("_", " ")
@@ -270,11 +276,8 @@ def write_sample_data(model_dir: Path, node_modules: Path, out_dir: Path) -> int
             candidates.append((query, index))
     for offset, (_, queries, _) in enumerate(photos):
         candidates += [(query, len(SAMPLE_CONCEPTS) + offset) for query in queries]
-    query_embeddings = training.encode_texts(
-        model, model_cfg["text_cfg"]["context_length"], [q for q, _ in candidates],
-        tokenizer=training.make_tokenizer(model_cfg, model_dir),
-    )
-    top3 = (query_embeddings @ image_embeddings.T).topk(3, dim=1).indices.tolist()
+    query_embeddings = encoder.encode_texts([q for q, _ in candidates])
+    top3 = np.argsort(-(query_embeddings @ image_embeddings.T), axis=1)[:, :3].tolist()
     kept = [(q, i) for (q, i), top in zip(candidates, top3, strict=True) if i in top]
     with (out_dir / "queries.tsv").open("w", encoding="utf-8") as f:
         f.write("query\texpected\n")
