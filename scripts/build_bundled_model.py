@@ -1,7 +1,8 @@
 """Rebuild the bundled emoji-mini model from scratch: fetch art, train, evaluate, write the folder.
 
-Usage (from the repository root; about 25 minutes on 2 CPU cores):
-    nice -n 10 /work/venv/bin/python scripts/build_bundled_model.py
+Usage (from the repository root, after `pip install -e ".[train]"`; about 50 minutes on
+one CPU core of this 2-core machine, npm needed for the art):
+    python scripts/build_bundled_model.py --threads 1
 Data is npm-installed into --cache-dir (default ~/.cache/clipsearch-train, or
 $CLIPSEARCH_TRAIN_CACHE), never into the repository.
 """
@@ -328,7 +329,7 @@ def main() -> int:
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     parser.add_argument("--train-styles", default="google,fluent-flat,fluent-color,fluent-3d")
     parser.add_argument("--eval-styles", default="twitter,apple")
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--compositions", type=int, default=800)
