@@ -137,6 +137,15 @@ NulOpt = Annotated[bool, typer.Option("-0", "--null", help="With --paths: NUL-se
 LabelOpt = Annotated[Optional[str], typer.Option("--label", help="Only images `classify` gave this label")]
 
 
+def _one_blas_thread_for_queries() -> None:
+    """A query multiplies one short token sequence through the numpy text tower: hundreds of
+    small matrix products, which OpenBLAS's worker threads make ~6x slower on 2 cores (1.7 s
+    instead of 0.3 s per query, measured in benchmarks/RESULTS.md). Takes effect only before
+    numpy loads, so the query commands call it first; an explicit setting wins."""
+    if "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
 def _render(resp: Any, as_json: bool, paths: bool, nul: bool) -> None:
     from clipsearch import console
 
@@ -165,6 +174,7 @@ def search(
     verbose: VerboseOpt = False,
 ) -> None:
     """Rank indexed images by similarity to a text (or image) query."""
+    _one_blas_thread_for_queries()
     from clipsearch.search import search as run_search
 
     def go() -> Any:
@@ -192,6 +202,7 @@ def similar(
     verbose: VerboseOpt = False,
 ) -> None:
     """Images most like IMAGE (the image itself is left out)."""
+    _one_blas_thread_for_queries()
     from clipsearch.search import similar as run_similar
 
     def go() -> Any:

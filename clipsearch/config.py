@@ -10,6 +10,7 @@ DEFAULT_MODEL = "ViT-B-32-256:datacomp_s34b_b86k"
 BUNDLED_MODEL = "emoji-mini"
 DEFAULT_TOP_K = 10
 DEFAULT_BATCH_SIZE = 32
+DEFAULT_DECODE_TIMEOUT_S = 120.0
 CATALOGUE_FILENAME = "catalogue.sqlite3"
 INDEX_FILENAME = "index.faiss"
 FLAT_INDEX_MAX_IMAGES = 50_000
@@ -34,6 +35,8 @@ class Settings:
     device: str = "auto"
     batch_size: int = DEFAULT_BATCH_SIZE
     workers: int = 0
+    decode_timeout_s: float = DEFAULT_DECODE_TIMEOUT_S
+    """Per-file limit on reading + decoding; a slower file is recorded as failed."""
 
     @property
     def index_path(self) -> Path:
@@ -69,4 +72,13 @@ def resolve_settings(
         device=device or _env("DEVICE") or "auto",
         batch_size=batch_size or int(_env("BATCH_SIZE") or DEFAULT_BATCH_SIZE),
         workers=workers if workers is not None else int(_env("WORKERS") or 0),
+        decode_timeout_s=_positive_float(_env("DECODE_TIMEOUT"), DEFAULT_DECODE_TIMEOUT_S),
     )
+
+
+def _positive_float(raw: str | None, default: float) -> float:
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        return default
+    return value if value > 0 else default

@@ -93,10 +93,13 @@ def index_summary(report: IndexReport) -> None:
         ("new", report.new),
         ("changed", report.changed),
         ("unchanged", report.unchanged),
-        ("moved / duplicate (vector reused)", report.reused),
+        ("moved or renamed (vector reused)", report.moved),
+        ("duplicates (vector reused)", report.duplicates),
         ("missing (deleted)", report.missing),
         ("failed", report.failed_total),
     ]
+    if report.changing:
+        rows.append(("changing while read (next run)", report.changing))
     for name, n in rows:
         table.add_row(name, str(n))
     for reason, n in sorted(report.failed.items()):
@@ -200,8 +203,16 @@ def check_report(report: Any) -> None:
         out.print("[green]no problems found[/]")
     for p in report.problems:
         out.print(f"[yellow]problem:[/] {escape(p)}")
+    for h in getattr(report, "hints", []):
+        out.print(f"hint: {escape(h)}")
     for r in report.repaired:
         out.print(f"[green]repaired:[/] {escape(r)}")
+    remaining = getattr(report, "remaining", None)
+    if remaining is not None:
+        for p in remaining:
+            out.print(f"[red]still wrong:[/] {escape(p)}")
+        if not remaining:
+            out.print("[green]no problems remain[/]")
 
 
 def classifications(results: Any, as_json: bool) -> None:

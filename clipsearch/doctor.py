@@ -3,59 +3,114 @@
 from __future__ import annotations
 
 import os
+import sqlite3
+import urllib.parse
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from clipsearch.catalogue.models import STATE_INDEXED
+from clipsearch.catalogue.models import STATE_INDEXED, STATE_PENDING
 from clipsearch.catalogue.store import Catalogue, WriterLock
 from clipsearch.config import Settings
 from clipsearch.encoder import ModelInfo
+from clipsearch.errors import CatalogueDamagedError
 from clipsearch.imaging import codec_support
-from clipsearch.vector_index import load_index
+from clipsearch.vector_index import id_digest, load_index
+
+INTEGRITY_LINES_SHOWN = 3
 
 
 @dataclass
 class CheckReport:
-    """Findings in plain words, and what --repair did about them."""
+    """Findings in plain words, what --repair did about them, and what is still wrong."""
 
     problems: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
+    remaining: list[str] | None = None
+    """After --repair: the problems a fresh check still finds (None: no repair was tried)."""
+    hints: list[str] = field(default_factory=list)
     codecs: dict[str, bool] = field(default_factory=dict)
     indexed: int = 0
 
     @property
     def ok(self) -> bool:
-        return not self.problems or len(self.repaired) >= len(self.problems)
+        """True only when nothing is wrong (after repair, when one was tried)."""
+        return not (self.problems if self.remaining is None else self.remaining)
+
+
+def integrity_check(path: Path) -> list[str]:
+    """SQLite's PRAGMA quick_check on a read-only connection: ["ok"] when the file is sound."""
+    uri = "file:" + urllib.parse.quote(str(path)) + "?mode=ro"
+    result: list[str] = []
+    for suffix in ("", "&immutable=1"):  # immutable: a WAL file in a read-only folder
+        try:
+            con = sqlite3.connect(uri + suffix, uri=True)
+            try:
+                return [str(r[0]) for r in con.execute("PRAGMA quick_check")]
+            finally:
+                con.close()
+        except sqlite3.DatabaseError as err:
+            result = [str(err)]
+    return result
+
+
+def _quick_check(cat: Catalogue) -> list[str]:
+    with cat.engine.connect() as conn:
+        raw = conn.connection.dbapi_connection
+        assert raw is not None
+        try:
+            return [str(r[0]) for r in raw.execute("PRAGMA quick_check")]
+        except sqlite3.DatabaseError as err:
+            return [str(err)]
 
 
 def check_catalogue(settings: Settings, repair: bool = False) -> CheckReport:
     """Check integrity, index agreement and files on disk; with repair, fix what can be."""
+    report = CheckReport(codecs=codec_support())
+    try:
+        _check(settings, report, repair)
+        if repair and report.problems:
+            again = CheckReport()
+            _check(settings, again, repair=False)
+            report.remaining = again.problems
+    except CatalogueDamagedError as err:
+        lines = integrity_check(settings.db_path)
+        shown = "; ".join(lines[:INTEGRITY_LINES_SHOWN])
+        more = f" (and {len(lines) - INTEGRITY_LINES_SHOWN} more)" if len(
+            lines) > INTEGRITY_LINES_SHOWN else ""
+        report.problems.append(f"{err.message}; SQLite's integrity check says: {shown}{more}")
+        report.hints.append("the file was left untouched (--repair never rewrites a damaged "
+                            "catalogue): restore it from a backup, or pass --db to build a new "
+                            "catalogue elsewhere")
+        if repair:
+            report.remaining = list(report.problems)
+    return report
+
+
+def _check(settings: Settings, report: CheckReport, repair: bool) -> None:
     from clipsearch.indexer import ensure_index
 
-    report = CheckReport(codecs=codec_support())
     with Catalogue(settings.db_path, create=False) as cat:
-        with cat.engine.connect() as conn:
-            raw = conn.connection.dbapi_connection
-            assert raw is not None
-            result = [r[0] for r in raw.execute("PRAGMA quick_check")]
-        if result != ["ok"]:
-            report.problems.append(
-                f"{settings.db_path}: SQLite integrity check failed: {'; '.join(result[:3])}"
-            )
-            return report
+        if _quick_check(cat) != ["ok"]:
+            raise CatalogueDamagedError(f"the catalogue {settings.db_path} is damaged")
         model = cat.active_model()
         if model is None:
             report.problems.append("nothing indexed yet: the catalogue has no model")
-            return report
+            return
         info = ModelInfo(model.key, model.spec, model.arch, model.pretrained,
                          model.checkpoint_hash, model.open_clip_version, model.dim)
         ids_now = cat.indexed_ids(model.id)
         report.indexed = int(ids_now.size)
         indexed_rows = list(cat.images(STATE_INDEXED))
-        without_vector = report.indexed != len(indexed_rows)
+        with_vector = set(ids_now.tolist())
+        without_vector = [r.image_id for r in indexed_rows if r.image_id not in with_vector]
         if without_vector:
             report.problems.append(
-                f"{len(indexed_rows) - report.indexed} indexed images have no vector for "
-                f"{model.key}"
+                f"{len(without_vector)} indexed images have no vector for {model.key}"
+            )
+        pending = cat.count_by_state().get(STATE_PENDING, 0)
+        if pending:
+            report.problems.append(
+                f"{pending} images wait to be encoded (run `clipsearch index` again)"
             )
         vanished = []
         changed = []
@@ -83,27 +138,31 @@ def check_catalogue(settings: Settings, repair: bool = False) -> CheckReport:
         elif vi.model_key != model.key:
             index_bad = True
             report.problems.append(f"index was built with another model ({vi.model_key})")
-        elif vi.generation != cat.generation() or set(vi.ids.tolist()) != set(ids_now.tolist()):
+        elif vi.generation != cat.generation() or id_digest(vi.ids) != id_digest(ids_now):
             index_bad = True
             report.problems.append(
                 f"index is stale: {vi.count} vectors, catalogue has {report.indexed}"
             )
-        if not repair or cat.readonly:
-            return report
+        if not repair or not report.problems:
+            return
+        if cat.readonly:
+            report.problems.append(f"cannot repair: {settings.db_path} is read-only")
+            return
         with WriterLock(settings.lock_path):
             if vanished:
                 cat.mark_missing(vanished)
                 report.repaired.append(f"marked {len(vanished)} vanished files missing")
+            if without_vector:
+                cat.mark_pending(without_vector)
+                report.repaired.append(
+                    f"marked {len(without_vector)} images without vectors for re-encoding "
+                    "(the next `clipsearch index` encodes them)"
+                )
             dropped = cat.drop_orphan_embeddings()
             if dropped:
                 report.repaired.append(f"dropped {dropped} vectors no file uses")
-            if index_bad or vanished:
-                ensure_index(cat, settings, info, model.id, write=True)
-                report.repaired.append("rebuilt the index from the catalogue")
-            if without_vector:
-                report.repaired.append("(images without vectors are re-encoded by the next "
-                                       "`clipsearch index`)")
-            if changed:
-                report.repaired.append("(changed files are re-encoded by the next "
-                                       "`clipsearch index`)")
-    return report
+            if index_bad or vanished or without_vector:
+                rebuilt = ensure_index(cat, settings, info, model.id, write=True, rebuild=True)
+                report.repaired.append(
+                    f"rebuilt the index from the catalogue ({rebuilt.count} vectors)"
+                )

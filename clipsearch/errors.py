@@ -20,6 +20,10 @@ class CatalogueError(ClipsearchError):
     """The catalogue cannot be opened, migrated or written."""
 
 
+class CatalogueDamagedError(CatalogueError):
+    """The catalogue file is corrupt (SQLite: malformed, not a database); never overwritten."""
+
+
 class CatalogueBusyError(CatalogueError):
     """Another index run holds the catalogue's writer lock."""
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -12,8 +15,21 @@ from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 from clipsearch.crawler import sniff_image_format
 from clipsearch.errors import ImageError
 
-# Largest image decoded at full size (formats without reduced-size decoding).
-MAX_DECODE_PIXELS = 120_000_000
+# Largest image decoded at full size (every format but JPEG, which decodes at reduced size).
+# Every image is shrunk to the model's size before any further full-size copy and 16-bit
+# grey is scaled to 8 bits in strips, so one decode holds the stored pixels plus at most one
+# converted copy: measured peaks are at most 9 bytes per pixel (RGBA/LA/palette PNG, 32-bit
+# TIFF, CMYK) except WebP, whose decoder makes extra copies (16 bytes per pixel). Hence the
+# caps: one decode stays below about 450 MB (9 x 50 MP, or 16 x 25 MP for WebP) plus the
+# file's own bytes; JPEG decodes at 1/8 scale or finer, below 1e9 / 64 x 9 = 140 MB.
+MAX_DECODE_PIXELS = 50_000_000
+MAX_WEBP_PIXELS = 25_000_000
+# What all threads together may be decoding at once, in MAX_DECODE_PIXELS units (a WebP pixel
+# counts double): any number of threads decode ordinary photos side by side, but at most two
+# images at the cap, so all decoding in one process stays below about 900 MB.
+DECODE_BUDGET_PIXELS = 2 * MAX_DECODE_PIXELS
+# Values per strip when scaling high-bit-depth grey (bounds the temporary arrays to ~4 MB).
+SCALE_STRIP_VALUES = 1_000_000
 # Largest header size accepted for JPEG, which decodes at reduced size (draft mode).
 MAX_JPEG_PIXELS = 1_000_000_000
 BACKGROUND_RGB = (255, 255, 255)
@@ -76,13 +92,63 @@ def _orientation(img: Image.Image) -> int:
     return value if 1 <= value <= 8 else 1
 
 
-def _scale_to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Scale high-bit-depth or float greyscale into 0..255 without clipping its range."""
-    arr = arr.astype(np.float64)
-    arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
-    low = min(0.0, float(arr.min())) if arr.size else 0.0
-    arr = arr - low
-    high = float(arr.max()) if arr.size else 0.0
+class _PixelBudget:
+    """A counting semaphore in pixels: bounds what concurrent full-size decodes hold."""
+
+    def __init__(self, pixels: int) -> None:
+        self.total = pixels
+        self.free = pixels
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        want = max(0, min(int(pixels), self.total))
+        with self._cond:
+            while self.free < want:
+                self._cond.wait()
+            self.free -= want
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.free += want
+                self._cond.notify_all()
+
+
+_budget = _PixelBudget(DECODE_BUDGET_PIXELS)
+
+
+def _strips(img: Image.Image) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, values) strips of a one-channel image, about SCALE_STRIP_VALUES each."""
+    w, h = img.size
+    rows = max(1, SCALE_STRIP_VALUES // max(1, w))
+    for y in range(0, h, rows):
+        yield y, np.asarray(img.crop((0, y, w, min(h, y + rows))))
+
+
+def _scale_to_uint8(img: Image.Image) -> np.ndarray:
+    """Scale high-bit-depth or float greyscale into 0..255 without clipping its range.
+
+    Works strip by strip: besides the uint8 result, only one strip is ever copied."""
+    w, h = img.size
+    out = np.zeros((h, w), np.uint8)
+    if w == 0 or h == 0:
+        return out
+    low, high, nonfinite = np.inf, -np.inf, False
+    for _, strip in _strips(img):
+        if strip.dtype.kind == "f":
+            finite = np.isfinite(strip)
+            nonfinite = nonfinite or not bool(finite.all())
+            strip = strip[finite]
+        if strip.size:
+            low = min(low, float(strip.min()))
+            high = max(high, float(strip.max()))
+    if nonfinite:  # NaN and infinities count as 0
+        low, high = min(low, 0.0), max(high, 0.0)
+    if not np.isfinite(low):  # nothing finite at all
+        return out
+    low = min(0.0, low)
+    high -= low
     if high <= 1.0:
         scale = 255.0  # float images in 0..1
     elif high <= 255.0:
@@ -91,27 +157,37 @@ def _scale_to_uint8(arr: np.ndarray) -> np.ndarray:
         scale = 255.0 / 65535.0
     else:
         scale = 255.0 / high
-    return np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+    for y, strip in _strips(img):
+        values = strip.astype(np.float32)
+        np.nan_to_num(values, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        values -= np.float32(low)
+        values *= np.float32(scale)
+        np.rint(values, out=values)
+        np.clip(values, 0, 255, out=values)
+        out[y : y + values.shape[0]] = values
+    return out
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to RGB; alpha is composited on one fixed background."""
+def to_rgb(img: Image.Image, target: int = 0) -> Image.Image:
+    """Convert any Pillow mode to RGB; alpha is composited on one fixed background.
+
+    With `target` > 0 the picture is shrunk (see _reduce) as soon as its mode allows, so
+    no conversion makes a second full-size copy."""
     mode = img.mode
     if mode == "RGB":
-        return img
+        return _reduce(img, target)
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        grey = _scale_to_uint8(np.asarray(img))
-        return Image.fromarray(grey, "L").convert("RGB")
+        grey = _reduce(Image.fromarray(_scale_to_uint8(img), "L"), target)
+        return grey.convert("RGB")
     if mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
-    elif mode == "P":
-        img = img.convert("RGB")
-        return img
+    elif mode in ("P", "1"):
+        return _reduce(img.convert("RGB"), target)
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
+        rgba = _reduce(img, target).convert("RGBA")
         background = Image.new("RGBA", rgba.size, BACKGROUND_RGB + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
+    return _reduce(img, target).convert("RGB")
 
 
 def _open(data: bytes, fmt: str, target: int) -> tuple[Image.Image, tuple[int, int]]:
@@ -155,25 +231,30 @@ def decode_image(data: bytes, target: int = 0) -> DecodedImage:
         raise ImageError("not an image (unrecognised content)")
     try:
         img, (full_w, full_h) = _open(data, fmt, target)
-        if img.size[0] * img.size[1] > MAX_DECODE_PIXELS:
+        limit = MAX_WEBP_PIXELS if fmt == "WEBP" else MAX_DECODE_PIXELS
+        if img.size[0] * img.size[1] > limit:
             w, h = img.size
             raise ImageError(
                 f"image too large to decode safely ({w}x{h} = {w * h / 1e6:.0f} megapixels, "
-                f"limit {MAX_DECODE_PIXELS / 1e6:.0f})"
+                f"limit {limit / 1e6:.0f})"
             )
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)
         orientation = _orientation(img)
         captured = _captured_at(img)
-        img.load()
-        if orientation != 1:
-            try:
-                img = ImageOps.exif_transpose(img) or img
-            except Exception:  # noqa: BLE001 - malformed EXIF: use the image as stored
-                pass
-        rgb = to_rgb(img)
-        if target > 0:
-            rgb = _reduce(rgb, target)
+        weight = (MAX_DECODE_PIXELS // MAX_WEBP_PIXELS) if fmt == "WEBP" else 1
+        with _budget.hold(img.size[0] * img.size[1] * weight):
+            img.load()
+            if orientation != 1:
+                # Shrink first (box reduction commutes with a rotation) so that the
+                # transpose copies a small picture, not the full-size one.
+                img = _reduce(img, target)
+                try:
+                    img = ImageOps.exif_transpose(img) or img
+                except Exception:  # noqa: BLE001 - malformed EXIF: use the image as stored
+                    pass
+            rgb = to_rgb(img, target)
+            del img
     except ImageError:
         raise
     except Image.DecompressionBombError as err:
@@ -190,8 +271,15 @@ def decode_image(data: bytes, target: int = 0) -> DecodedImage:
     return DecodedImage(rgb, int(full_w), int(full_h), fmt, captured)
 
 
+REDUCIBLE_MODES = frozenset({"L", "LA", "PA", "RGB", "RGBA", "RGBa", "La", "CMYK", "YCbCr",
+                             "LAB", "HSV", "I", "F"})
+
+
 def _reduce(img: Image.Image, target: int) -> Image.Image:
-    """Shrink by an integer box factor while the shortest side stays >= 2 x target."""
+    """Shrink by an integer box factor while the shortest side stays >= 2 x target (modes
+    Pillow cannot reduce are returned as they are, for to_rgb to shrink after converting)."""
+    if target <= 0 or img.mode not in REDUCIBLE_MODES:
+        return img
     short = min(img.size)
     factor = short // (2 * target)
     if factor >= 2:

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from clipsearch.catalogue.models import STATE_FAILED, STATE_INDEXED, STATE_MISSING
-from clipsearch.catalogue.store import Catalogue, WriterLock
+from clipsearch.catalogue.models import STATE_FAILED, STATE_INDEXED, STATE_MISSING, STATE_PENDING
+from clipsearch.catalogue.store import Catalogue, StoredFile, WriterLock
 from clipsearch.config import Settings
 from clipsearch.crawler import FileInfo, ScanProblem, scan_directories
 from clipsearch.encoder import Encoder, ModelInfo, load_encoder, resolve_spec
@@ -25,6 +26,7 @@ from clipsearch.vector_index import (
     VectorIndex,
     build_index,
     choose_kind,
+    id_digest,
     load_index,
     read_index_header,
     save_index,
@@ -55,9 +57,15 @@ class IndexReport:
     new: int = 0
     changed: int = 0
     unchanged: int = 0
-    reused: int = 0
+    moved: int = 0
+    """Files at a new path whose content was at a path that is gone (moved or renamed)."""
+    duplicates: int = 0
+    """New files whose content is already catalogued at a path that still exists."""
     encoded: int = 0
     missing: int = 0
+    """Catalogued files that are gone (deleted, not moved)."""
+    changing: int = 0
+    """Files that changed while being read: skipped this run, indexed by the next."""
     failed: Counter[str] = field(default_factory=Counter)
     problems: list[ScanProblem] = field(default_factory=list)
     indexed_total: int = 0
@@ -72,14 +80,20 @@ class IndexReport:
     def failed_total(self) -> int:
         return sum(self.failed.values())
 
+    @property
+    def reused(self) -> int:
+        """Files whose vector was reused (moved, renamed or duplicated content)."""
+        return self.moved + self.duplicates
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready summary (paths shown with undecodable bytes escaped)."""
         from clipsearch.crawler import display_path
 
         return {
             "model": self.model, "scanned": self.scanned, "new": self.new,
-            "changed": self.changed, "unchanged": self.unchanged, "moved_or_duplicate":
-            self.reused, "encoded": self.encoded, "missing": self.missing,
+            "changed": self.changed, "unchanged": self.unchanged, "moved": self.moved,
+            "duplicates": self.duplicates, "moved_or_duplicate": self.reused,
+            "encoded": self.encoded, "missing": self.missing, "changing": self.changing,
             "failed": dict(self.failed), "failed_total": self.failed_total,
             "indexed_total": self.indexed_total, "index_kind": self.index_kind,
             "seconds": round(self.seconds, 3),
@@ -94,7 +108,7 @@ class _Work:
     """One file's result from the decode workers."""
 
     file: FileInfo
-    kind: str  # "decoded" | "reused" | "failed" | "vanished"
+    kind: str  # "decoded" | "reused" | "failed" | "vanished" | "changing"
     content_hash: str | None = None
     pixels: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
@@ -117,6 +131,11 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
+CHANGED_WHILE_READING = "changed while reading; will be indexed next run"
+DELETED_WHILE_INDEXING = "deleted before it could be read"
+
+
+
 class _LazyEncoder:
     """Load the model only when something needs encoding (unchanged re-runs never do)."""
 
@@ -125,18 +144,24 @@ class _LazyEncoder:
         self.factory = factory
         self.expected_key = expected_key
         self._encoder: Encoder | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._encoder is not None
 
     def get(self) -> Encoder:
-        if self._encoder is None:
-            enc = self.factory(self.spec)
-            if self.expected_key is not None and enc.info.key != self.expected_key:
-                raise ModelMismatchError(
-                    f"model {self.spec} now loads as {enc.info.key}, but this catalogue's "
-                    f"vectors come from {self.expected_key}",
-                    hint="restore the original weights, or index into a new --db",
-                )
-            self._encoder = enc
-        return self._encoder
+        with self._lock:  # decode threads ask for it too: load once
+            if self._encoder is None:
+                enc = self.factory(self.spec)
+                if self.expected_key is not None and enc.info.key != self.expected_key:
+                    raise ModelMismatchError(
+                        f"model {self.spec} now loads as {enc.info.key}, but this catalogue's "
+                        f"vectors come from {self.expected_key}",
+                        hint="restore the original weights, or index into a new --db",
+                    )
+                self._encoder = enc
+            return self._encoder
 
 
 FAST_TEXT_META = "fast_text:"
@@ -254,46 +279,74 @@ def _index_roots(
     catalogue.add_roots(valid_roots)
     stored = catalogue.files_under(valid_roots)
     report.scanned = len(scan.files)
+    lost = _ids_without_vector(catalogue, model_id, stored)
     todo: list[tuple[FileInfo, bool]] = []  # (file, is_change)
     seen: set[str] = set()
     for f in scan.files:
         seen.add(f.path)
         old = stored.get(f.path)
+        if old is not None and old.image_id in lost:
+            todo.append((f, True))  # "indexed" but its vector row is gone: encode again
+            continue
         if old is not None and old.size == f.size and old.mtime_ns == f.mtime_ns:
             if old.state == STATE_INDEXED or (old.state == STATE_FAILED and not options.retry_failed):
                 report.unchanged += 1
                 continue
         is_change = old is not None and old.state != STATE_MISSING and (
-            old.size != f.size or old.mtime_ns != f.mtime_ns
+            old.size != f.size or old.mtime_ns != f.mtime_ns or old.state == STATE_PENDING
         )
         todo.append((f, is_change))
-    gone = [old.image_id for path, old in stored.items()
-            if path not in seen and old.state != STATE_MISSING]
-    catalogue.mark_missing(gone)
-    report.missing = len(gone)
+    gone_rows = [old for path, old in stored.items()
+                 if path not in seen and old.state != STATE_MISSING]
+    catalogue.mark_missing([old.image_id for old in gone_rows])
+    report.missing = len(gone_rows)
     if not todo:
         return
+    # Content that left its old path this run: a new path holding it was moved or renamed.
+    gone_hashes = Counter(old.content_hash for old in gone_rows
+                          if old.content_hash and old.state == STATE_INDEXED)
     attempts = {p: s.attempts for p, s in stored.items()}
-    _process(catalogue, lazy, model_id, todo, attempts, report, progress, settings)
+    _process(catalogue, lazy, model_id, todo, attempts, gone_hashes, report, progress,
+             settings)
+
+
+def _ids_without_vector(catalogue: Catalogue, model_id: int,
+                        stored: dict[str, StoredFile]) -> set[int]:
+    """Rows marked indexed whose vector is gone (two aggregate queries when there are none)."""
+    if catalogue.count_by_state().get(STATE_INDEXED, 0) == catalogue.indexed_id_digest(
+            model_id)[0]:
+        return set()
+    with_vector = set(catalogue.indexed_ids(model_id).tolist())
+    return {s.image_id for s in stored.values()
+            if s.state == STATE_INDEXED and s.image_id not in with_vector}
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_size, a.st_mtime_ns, a.st_ino) == (b.st_size, b.st_mtime_ns, b.st_ino)
 
 
 def _prepare(
-    f: FileInfo, catalogue: Catalogue, model_id: int, target: int,
-    preprocess: Callable[[Any], np.ndarray] | None,
+    f: FileInfo, catalogue: Catalogue, model_id: int, lazy: _LazyEncoder,
+    restart_clock: Callable[[], None] = lambda: None,
 ) -> _Work:
-    """Worker: read, hash, reuse a stored vector or decode + preprocess."""
+    """Worker: read, hash, reuse a stored vector or decode + preprocess.
+
+    A file that changes while it is read (still being copied in) is skipped, not failed."""
     t0 = time.perf_counter()
     try:
+        before = os.stat(f.path)
         with open(f.path, "rb") as fh:
             data = fh.read()
-        st = os.stat(f.path)
+            after = os.fstat(fh.fileno())
     except FileNotFoundError:
-        return _Work(f, "vanished", reason="deleted while indexing")
+        return _Work(f, "vanished", reason=DELETED_WHILE_INDEXING)
     except OSError as err:
         return _Work(f, "failed", reason=f"cannot read: {err.strerror or err}",
                      size=f.size, mtime_ns=f.mtime_ns)
+    if not _same_file(before, after) or len(data) != after.st_size:
+        return _Work(f, "changing", reason=CHANGED_WHILE_READING)
     chash = content_hash(data)
-    work = _Work(f, "failed", chash, size=len(data), mtime_ns=st.st_mtime_ns)
+    work = _Work(f, "failed", chash, size=len(data), mtime_ns=after.st_mtime_ns)
     t1 = time.perf_counter()
     work.timings["read"] = t1 - t0
     reuse = catalogue.reusable(chash, model_id)
@@ -301,18 +354,22 @@ def _prepare(
         work.kind = "reused"
         work.meta = reuse
         return work
-    if preprocess is None:
-        work.kind = "decode-needed"
-        return work
+    if not lazy.loaded:
+        lazy.get()  # the first file that needs the model loads it (moves never do)
+        restart_clock()  # loading the model is not this file's decode time
+        t1 = time.perf_counter()
+    encoder = lazy.get()
     try:
-        decoded = decode_image(data, target)
+        decoded = decode_image(data, encoder.image_size)
         t2 = time.perf_counter()
         work.timings["decode"] = t2 - t1
-        work.pixels = preprocess(decoded.image)
+        work.pixels = encoder.preprocess(decoded.image)
         work.timings["preprocess"] = time.perf_counter() - t2
     except ImageError as err:
         work.reason = err.message
         return work
+    except ClipsearchError:
+        raise
     except Exception as err:  # noqa: BLE001 - one bad file never stops a run
         work.reason = f"cannot decode: {type(err).__name__}: {err}"[:300]
         return work
@@ -326,21 +383,109 @@ def _prepare(
     return work
 
 
-def _ordered(executor: ThreadPoolExecutor, fn: Callable[[FileInfo], _Work],
-             files: Sequence[FileInfo], window: int) -> Iterator[_Work]:
+class _Job:
+    """One file handed to a decode thread."""
+
+    def __init__(self, file: FileInfo) -> None:
+        self.file = file
+        self.started: float | None = None
+        self.done = threading.Event()
+        self.result: _Work | None = None
+        self.error: BaseException | None = None
+        self.abandoned = False
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def restart_clock(self) -> None:
+        self.started = time.monotonic()
+
+
+class _DecodePool:
+    """Daemon decode threads. A file that takes longer than the time limit is abandoned: its
+    thread is replaced (and exits if the decode ever returns), and nothing ever waits for it,
+    not even interpreter exit. (Pillow's C decoders cannot be interrupted.)"""
+
+    def __init__(self, workers: int, fn: Callable[[FileInfo, _Job], _Work]) -> None:
+        self._fn = fn
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._threads: set[threading.Thread] = set()
+        self._closed = False
+        for _ in range(workers):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        thread = threading.Thread(target=self._loop, name="decode", daemon=True)
+        self._threads.add(thread)
+        thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None or self._closed:
+                return
+            job.thread = threading.current_thread()
+            job.restart_clock()
+            try:
+                job.result = self._fn(job.file, job)
+            except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
+                job.error = err
+            with job.lock:
+                job.done.set()
+                if job.abandoned:
+                    return  # a replacement thread took this one's place
+
+    def submit(self, f: FileInfo) -> _Job:
+        job = _Job(f)
+        self._jobs.put(job)
+        return job
+
+    def wait(self, job: _Job, limit_s: float) -> _Work:
+        """The job's result, or a failure once it has run longer than limit_s."""
+        while not job.done.wait(min(1.0, limit_s)):
+            started = job.started
+            if started is None or time.monotonic() - started <= limit_s:
+                continue
+            with job.lock:
+                if job.done.is_set():
+                    break
+                job.abandoned = True
+            if job.thread is not None:
+                self._threads.discard(job.thread)
+            self._spawn()
+            return _Work(job.file, "failed",
+                         reason=f"took longer than {limit_s:g} s to decode",
+                         size=job.file.size, mtime_ns=job.file.mtime_ns)
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None
+        return job.result
+
+    def close(self, wait_s: float) -> None:
+        """Drop the files not started yet and let the running decodes finish (up to wait_s
+        each): a thread killed mid-decode by interpreter exit can crash the process."""
+        self._closed = True
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in list(self._threads):
+            thread.join(wait_s)
+        self._threads.clear()
+
+
+def _ordered(pool: _DecodePool, files: Sequence[FileInfo], window: int,
+             limit_s: float) -> Iterator[_Work]:
     """Results in input order with at most `window` files in flight (bounded memory)."""
-    pending: list[Future[_Work]] = []
+    pending: list[_Job] = []
     it = iter(files)
     for f in it:
-        pending.append(executor.submit(fn, f))
+        pending.append(pool.submit(f))
         if len(pending) >= window:
             break
     while pending:
-        fut = pending.pop(0)
+        job = pending.pop(0)
         nxt = next(it, None)
         if nxt is not None:
-            pending.append(executor.submit(fn, nxt))
-        yield fut.result()
+            pending.append(pool.submit(nxt))
+        yield pool.wait(job, limit_s)
 
 
 def _process(
@@ -349,15 +494,14 @@ def _process(
     model_id: int,
     todo: list[tuple[FileInfo, bool]],
     attempts: dict[str, int],
+    gone_hashes: Counter[str],
     report: IndexReport,
     progress: ProgressFn | None,
     settings: Settings,
 ) -> None:
-    encoder = lazy.get()
-    remember_fast_text(catalogue, encoder)
-    target = encoder.image_size
     workers = settings.workers or default_workers()
     batch_size = max(1, settings.batch_size)
+    limit_s = settings.decode_timeout_s
     changed = {f.path for f, is_change in todo if is_change}
     files = [f for f, _ in todo]
     done = 0
@@ -365,33 +509,40 @@ def _process(
     if progress:
         progress("index", 0, total)
 
-    def prep(f: FileInfo) -> _Work:
-        return _prepare(f, catalogue, model_id, target, encoder.preprocess)
+    def prep(f: FileInfo, job: _Job) -> _Work:
+        return _prepare(f, catalogue, model_id, lazy, job.restart_clock)
 
     batch: list[_Work] = []
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-        for work in _ordered(pool, prep, files, window=batch_size * 2):
+    pool = _DecodePool(workers, prep)
+    try:
+        for work in _ordered(pool, files, batch_size * 2, limit_s):
             batch.append(work)
             if len(batch) >= batch_size:
-                _flush(catalogue, encoder, model_id, batch, changed, attempts, report)
+                _flush(catalogue, lazy, model_id, batch, changed, attempts, gone_hashes,
+                       report)
                 done += len(batch)
                 batch = []
                 if progress:
                     progress("index", done, total)
         if batch:
-            _flush(catalogue, encoder, model_id, batch, changed, attempts, report)
+            _flush(catalogue, lazy, model_id, batch, changed, attempts, gone_hashes, report)
             done += len(batch)
             if progress:
                 progress("index", done, total)
+    finally:
+        pool.close(limit_s)
+    if lazy.loaded:
+        remember_fast_text(catalogue, lazy.get())
 
 
 def _flush(
     catalogue: Catalogue,
-    encoder: Encoder,
+    lazy: _LazyEncoder,
     model_id: int,
     batch: list[_Work],
     changed: set[str],
     attempts: dict[str, int],
+    gone_hashes: Counter[str],
     report: IndexReport,
 ) -> None:
     """Encode the decoded images of one batch and write the whole batch in one transaction."""
@@ -404,7 +555,7 @@ def _flush(
     if to_encode:
         hashes = list(to_encode)
         t0 = time.perf_counter()
-        out = encoder.encode_images(np.stack([to_encode[h] for h in hashes]))
+        out = lazy.get().encode_images(np.stack([to_encode[h] for h in hashes]))
         report.stage_seconds["encode"] += time.perf_counter() - t0
         vectors = {h: out[i] for i, h in enumerate(hashes)}
         report.encoded += len(hashes)
@@ -414,20 +565,29 @@ def _flush(
         path = w.file.path
         if w.kind == "vanished":
             vanished.append(path)
+            report.problems.append(ScanProblem(path, w.reason))
             continue
-        if path in changed:
-            report.changed += 1
-        else:
-            report.new += 1
+        if w.kind == "changing":
+            report.changing += 1
+            report.problems.append(ScanProblem(path, w.reason))
+            continue
         row: dict[str, Any] = {
             "path": path,
             "size": w.size,
             "mtime_ns": w.mtime_ns,
             "content_hash": w.content_hash,
         }
+        if path in changed:
+            report.changed += 1
+        elif w.kind == "reused" and w.content_hash and gone_hashes[w.content_hash] > 0:
+            gone_hashes[w.content_hash] -= 1
+            report.moved += 1
+            report.missing -= 1  # its old path is not a deletion
+        elif w.kind == "reused":
+            report.duplicates += 1
+        else:
+            report.new += 1
         if w.kind in ("decoded", "reused"):
-            if w.kind == "reused":
-                report.reused += 1
             row.update(w.meta)
             row.update(state=STATE_INDEXED, error=None, attempts=0)
         else:
@@ -441,8 +601,9 @@ def _flush(
     report.stage_seconds["write"] += time.perf_counter() - t0
     if vanished:
         stored = catalogue.files_under(vanished)
-        catalogue.mark_missing([s.image_id for s in stored.values()])
-        report.missing += len(stored)
+        live = [s.image_id for s in stored.values() if s.state != STATE_MISSING]
+        catalogue.mark_missing(live)
+        report.missing += len(live)
 
 
 def refresh_index(
@@ -460,6 +621,7 @@ def refresh_index(
         and header.get("model_key") == info.key
         and header.get("generation") == catalogue.generation()
         and kind in ("auto", header.get("kind"))
+        and tuple(header.get("id_digest") or ()) == catalogue.indexed_id_digest(model_id)
     ):
         return str(header["kind"]), int(header["count"])
     vi = ensure_index(catalogue, settings, info, model_id, kind=kind, write=write)
@@ -473,13 +635,23 @@ def ensure_index(
     model_id: int,
     kind: str = "auto",
     write: bool = True,
+    rebuild: bool = False,
 ) -> VectorIndex:
-    """Load the index; apply the catalogue's changes or rebuild it when missing or stale."""
+    """Load the index; apply the catalogue's changes or rebuild it when missing or stale.
+
+    Stale means: another generation, or another set of ids than the catalogue's indexed
+    images (compared by digest, so a lost vector row is caught even when the generation
+    counter agrees). `rebuild` builds it afresh from the catalogue whatever the file says."""
     generation = catalogue.generation()
-    vi = load_index(settings.index_path)
+    vi = None if rebuild else load_index(settings.index_path)
     if vi is not None and (vi.model_key != info.key or vi.dim != info.dim):
         vi = None
-    if vi is not None and vi.generation == generation and (kind in ("auto", vi.kind)):
+    if (
+        vi is not None
+        and vi.generation == generation
+        and kind in ("auto", vi.kind)
+        and id_digest(vi.ids) == catalogue.indexed_id_digest(model_id)
+    ):
         return vi
     ids_now = catalogue.indexed_ids(model_id)
     wanted = choose_kind(ids_now.size) if kind == "auto" else kind

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +72,9 @@ class SearchResponse:
     results: list[SearchResult]
     model: str
     notices: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per stage: embed (query vector), ann (index load if needed + search), rerank
+    (candidate vectors from the catalogue, exact scores), lookup (result rows)."""
 
 
 def parse_query(parts: Sequence[str]) -> list[QueryTerm]:
@@ -176,6 +180,7 @@ class _Session:
                               active.checkpoint_hash, active.open_clip_version, active.dim)
         self._encoder: Encoder | None = None
         self._text: Any = None
+        self._index: Any = None
 
     @property
     def model_label(self) -> str:
@@ -211,6 +216,13 @@ class _Session:
         return self._text
 
     def index(self):  # type: ignore[no-untyped-def]
+        """The index, kept between queries until the catalogue's generation moves on."""
+        if self._index is not None and self._index.generation == self.catalogue.generation():
+            return self._index
+        self._index = self._load_index()
+        return self._index
+
+    def _load_index(self):  # type: ignore[no-untyped-def]
         write = not self.catalogue.readonly
         if write:
             try:
@@ -284,12 +296,13 @@ def _passes(row: ImageRow, opts: SearchOptions) -> bool:
     return True
 
 
-def _rank(session: _Session, qvec: np.ndarray, opts: SearchOptions, exclude: set[int]
-          ) -> list[SearchResult]:
+def _rank(session: _Session, qvec: np.ndarray, opts: SearchOptions, exclude: set[int],
+          timings: dict[str, float]) -> list[SearchResult]:
     if opts.top_k <= 0:
         raise UsageError("--top must be at least 1")
     cat = session.catalogue
     want = opts.top_k + len(exclude)
+    t0 = time.perf_counter()
     if _filtered(opts):
         labelled = cat.ids_with_label(opts.label) if opts.label else None
         rows = {r.image_id: r for r in cat.images(STATE_INDEXED)
@@ -298,6 +311,8 @@ def _rank(session: _Session, qvec: np.ndarray, opts: SearchOptions, exclude: set
     else:
         vi = session.index()
         _, cand = search_index(vi, qvec[None], candidate_count(want, vi))
+        timings["ann"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         cand_ids = [int(i) for i in cand[0] if i >= 0]
         ids, vecs = cat.vectors_by_ids(cand_ids, session.model_id, session.info.dim)
         rows = {}
@@ -314,8 +329,11 @@ def _rank(session: _Session, qvec: np.ndarray, opts: SearchOptions, exclude: set
     if opts.margin is not None and chosen:
         best = chosen[0][1]
         chosen = [(i, s) for i, s in chosen if s >= best - opts.margin]
+    timings["rerank"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     if not rows:
         rows = cat.images_by_ids([i for i, _ in chosen])
+    timings["lookup"] = time.perf_counter() - t0
     results = [
         SearchResult(0, s, rows[i].path, rows[i].date, i, rows[i].format, rows[i].width,
                      rows[i].height)
@@ -330,24 +348,58 @@ def _rank(session: _Session, qvec: np.ndarray, opts: SearchOptions, exclude: set
                          r.height) for n, r in enumerate(results)]
 
 
-def search(settings: Settings, parts: Sequence[str], opts: SearchOptions = SearchOptions(),
-           encoder_factory: EncoderFactory | None = None) -> SearchResponse:
-    """Rank indexed images by cosine similarity to a text/image query."""
-    terms = parse_query(parts)
-    session = _Session(settings, encoder_factory)
-    try:
+class Searcher:
+    """A catalogue opened once for many queries: the text encoder (and the model, if an image
+    query needs it) and the index stay loaded between calls; the index is reloaded when the
+    catalogue changes. `search()` and `similar()` are one-query uses of it."""
+
+    def __init__(self, settings: Settings, encoder_factory: EncoderFactory | None = None
+                 ) -> None:
+        self._session = _Session(settings, encoder_factory)
+
+    def __enter__(self) -> Searcher:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._session.close()
+
+    def search(self, parts: Sequence[str], opts: SearchOptions = SearchOptions()
+               ) -> SearchResponse:
+        """Rank indexed images by cosine similarity to a text/image query."""
+        return self._search_terms(parse_query(parts), opts)
+
+    def similar(self, image: str, opts: SearchOptions = SearchOptions()) -> SearchResponse:
+        """Images most like IMAGE (indexed or not); the image itself is never its own hit."""
+        if not os.path.isfile(image):
+            raise UsageError(f"{image}: no such file")
+        return self.search([image], opts)
+
+    def _search_terms(self, terms: list[QueryTerm], opts: SearchOptions) -> SearchResponse:
+        session = self._session
         notices: list[str] = []
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
         qvec = _query_vector(session, terms, notices)
+        timings["embed"] = time.perf_counter() - t0
         exclude = set()
         for t in terms:
             if t.image_path is not None and t.weight > 0:
                 image_id = session.catalogue.image_id_for_path(os.path.abspath(t.image_path))
                 if image_id is not None:
                     exclude.add(image_id)
-        results = _rank(session, qvec, opts, exclude)
-        return SearchResponse(results, session.model_label, notices)
-    finally:
-        session.close()
+        results = _rank(session, qvec, opts, exclude, timings)
+        return SearchResponse(results, session.model_label, notices, timings)
+
+
+def search(settings: Settings, parts: Sequence[str], opts: SearchOptions = SearchOptions(),
+           encoder_factory: EncoderFactory | None = None) -> SearchResponse:
+    """Rank indexed images by cosine similarity to a text/image query."""
+    terms = parse_query(parts)
+    with Searcher(settings, encoder_factory) as searcher:
+        return searcher._search_terms(terms, opts)
 
 
 def similar(settings: Settings, image: str, opts: SearchOptions = SearchOptions(),

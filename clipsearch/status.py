@@ -7,7 +7,7 @@ from typing import Any
 from clipsearch.catalogue.store import Catalogue
 from clipsearch.config import Settings
 from clipsearch.crawler import display_path
-from clipsearch.vector_index import load_index
+from clipsearch.vector_index import id_digest, load_index
 
 
 def catalogue_status(settings: Settings) -> dict[str, Any]:
@@ -33,7 +33,8 @@ def catalogue_status(settings: Settings) -> dict[str, Any]:
                 "kind": vi.kind if vi else "none",
                 "count": vi.count if vi else 0,
                 "fresh": bool(vi and model and vi.model_key == model.key
-                              and vi.generation == generation),
+                              and vi.generation == generation
+                              and id_digest(vi.ids) == cat.indexed_id_digest(model.id)),
             },
             "roots": [display_path(r) for r in cat.roots()],
             "failures": [

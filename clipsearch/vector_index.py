@@ -26,6 +26,17 @@ RERANK_FACTOR = 20
 SINGLE_THREAD_MAX_QUERIES = 4
 
 
+ID_DIGEST_MULTIPLIER = 2654435761
+
+
+def id_digest(ids: np.ndarray) -> tuple[int, int, int]:
+    """(count, sum, hashed sum) of an id set: equal digests mean (almost surely) equal sets;
+    Catalogue.indexed_id_digest computes the same inside SQLite."""
+    ids = np.asarray(ids, dtype=np.int64)
+    hashed = (ids * ID_DIGEST_MULTIPLIER) % 2**32
+    return int(ids.size), int(ids.sum()), int(hashed.sum())
+
+
 @dataclass
 class VectorIndex:
     """A FAISS index keyed by catalogue image ids, plus what it was built from."""
@@ -193,6 +204,7 @@ def save_index(vi: VectorIndex, path: Path) -> None:
             "model_key": vi.model_key,
             "generation": vi.generation,
             "count": vi.count,
+            "id_digest": list(id_digest(vi.ids)),
             "nprobe": vi.nprobe,
         }
     ).encode()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,37 @@ def make_image(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return make
+
+
+@pytest.fixture
+def read_only() -> Iterator[Callable[..., None]]:
+    """Make paths read-only for this process (files before their folder); undone after.
+
+    A normal user gets the write bits removed. Root writes such files anyway, so root gets
+    the immutable attribute (chattr +i), which even root cannot write through; where that is
+    not possible the test is skipped, saying why."""
+    undo: list[Callable[[], object]] = []
+
+    def make(*paths: Path) -> None:
+        for p in paths:
+            if os.geteuid() != 0:
+                mode = p.stat().st_mode
+                p.chmod(mode & ~0o222)
+                undo.append(lambda p=p, mode=mode: p.chmod(mode))
+                continue
+            try:
+                done = subprocess.run(["chattr", "+i", str(p)], capture_output=True, text=True)
+            except OSError as err:
+                pytest.skip(f"running as root without chattr ({err}): root writes read-only "
+                            "files anyway")
+            if done.returncode != 0:
+                pytest.skip(f"running as root and `chattr +i` failed ({done.stderr.strip()}): "
+                            "root writes read-only files anyway")
+            undo.append(lambda p=p: subprocess.run(["chattr", "-i", str(p)], check=True))
+
+    yield make
+    for step in reversed(undo):
+        step()
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -79,3 +79,83 @@ def test_rerun_changes_nothing(cases_dir: Path, settings) -> None:  # type: igno
     assert second.unchanged == first.scanned
     assert second.new == second.changed == second.encoded == second.missing == 0
     assert second.failed_total == 0  # failed files are not retried unless they change
+
+
+def _normal_user() -> tuple[int, int]:
+    """(uid, gid) of an unprivileged account for root to act as: nobody, else one made now."""
+    import pwd
+    import shutil as sh
+
+    for name in ("nobody", "clipsearch-test"):
+        try:
+            entry = pwd.getpwnam(name)
+            return entry.pw_uid, entry.pw_gid
+        except KeyError:
+            pass
+    if sh.which("useradd") is None:
+        pytest.skip("running as root, no unprivileged account and no useradd to make one")
+    made = subprocess.run(["useradd", "--system", "--no-create-home", "clipsearch-test"],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"running as root and useradd failed: {made.stderr.strip()}")
+    entry = pwd.getpwnam("clipsearch-test")
+    return entry.pw_uid, entry.pw_gid
+
+
+def test_permission_cases_as_a_normal_user(tmp_path: Path, tiny_encoder) -> None:  # type: ignore[no-untyped-def]
+    """The cases' unreadable file and folder, as a normal user sees them.
+
+    As root, this process drops to an unprivileged effective uid for the run (the
+    interpreter lives under /root, mode 0700, so a separate process of that user could not
+    even start it); everything it needs is imported first, while still root."""
+    import runpy
+    import shutil
+    import tempfile
+
+    from clipsearch.config import resolve_settings
+
+    if os.geteuid() != 0:
+        pytest.skip("not root: test_cases_index_as_expected already runs the permission cases")
+    uid, gid = _normal_user()
+    cases_main = runpy.run_path(str(_cases_script()), run_name="cases")["main"]
+    factory = lambda spec: tiny_encoder  # noqa: E731 - loaded as root, before dropping rights
+    warm = tmp_path / "warm"
+    warm.mkdir()
+    np.save(warm / "not-an-image.npy", np.zeros(1))
+    (warm / "x").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), "red").save(warm / "x" / "a.png")
+    run_index(resolve_settings(db=tmp_path / "warm.sqlite3"), [str(warm)],
+              encoder_factory=factory)  # imports every lazily imported module ...
+    from clipsearch.imaging import codec_support
+
+    Image.init()  # ... and every Pillow plugin (Pillow imports them on first use)
+    codec_support()
+    base = Path(tempfile.mkdtemp(prefix="clipsearch-perms-"))
+    base.chmod(0o777)
+    try:
+        os.setegid(gid)
+        os.seteuid(uid)
+        try:
+            cases_main(base / "cases")
+            spec = json.loads((base / "cases" / "expected.json").read_text())
+            settings = resolve_settings(db=base / "db" / "c.sqlite3", workers=2, batch_size=4)
+            run_index(settings, [str(base / "cases")], encoder_factory=factory)
+            with Catalogue(settings.db_path) as cat:
+                rows = {os.path.relpath(r.path, base / "cases"): r for r in cat.images()}
+        finally:
+            os.seteuid(0)
+            os.setegid(0)
+        perms = {rel: expect for rel, expect in spec["files"].items() if rel.startswith("perms/")}
+        assert perms, "make_cases wrote no permission cases for a normal user"
+        for rel, expect in spec["files"].items():  # every case, as that user sees it
+            row = rows.get(rel)
+            outcome = "skipped" if row is None else row.state
+            assert outcome in set(expect.split("_or_")), f"{rel}: expected {expect}, got {outcome}"
+            if outcome == "failed":
+                assert row is not None and row.error, f"{rel}: failed without a reason"
+                if rel in perms:
+                    assert "ermission" in row.error, row.error
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import stat
 from pathlib import Path
 
 import pytest
@@ -83,13 +82,14 @@ def test_missing_catalogue_for_search_says_what_to_do(tmp_path: Path) -> None:
     assert info.value.hint and "index" in info.value.hint
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes read-only files anyway")
-def test_read_only_catalogue_opens_read_only(tmp_path: Path) -> None:
-    path = tmp_path / "c.sqlite3"
+def test_read_only_catalogue_opens_read_only(tmp_path: Path, read_only) -> None:  # type: ignore[no-untyped-def]
+    folder = tmp_path / "ro"
+    path = folder / "c.sqlite3"
     Catalogue(path).close()
-    path.chmod(stat.S_IRUSR)
+    read_only(path, folder)  # a read-only folder too: no -shm file can be made for WAL
     cat = Catalogue(path)
     assert cat.readonly
+    assert cat.count_by_state()["indexed"] == 0
     cat.close()
 
 
@@ -122,3 +122,92 @@ def test_upgrade_from_previous_schema_keeps_data(tmp_path: Path) -> None:
         assert [r.path for r in cat.images()] == ["/a.jpg"]
     con = sqlite3.connect(path)
     assert con.execute("SELECT version_num FROM alembic_version").fetchone()[0] == SCHEMA_HEAD
+
+
+def test_write_batch_takes_a_whole_collection_in_one_call(tmp_path: Path) -> None:
+    """Bulk loads (benchmarks, imports) write many rows per call through executemany; rows
+    with different column sets in one batch (indexed, failed, new) keep upsert semantics."""
+    import numpy as np
+
+    n, dim = 3000, 8
+    vecs = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
+    rows = [{"path": f"/p/{i}.jpg", "size": 10, "mtime_ns": i, "content_hash": f"h{i}",
+             "width": 4, "height": 3, "format": "JPEG", "state": "indexed", "attempts": 0}
+            for i in range(n)]
+    with Catalogue(tmp_path / "c.sqlite3") as cat:
+        model_id = cat.register_model({"key": "m", "spec": "m", "arch": "a", "pretrained": None,
+                                       "checkpoint_hash": None, "open_clip_version": "0",
+                                       "dim": dim})
+        cat.write_batch(rows, {f"h{i}": vecs[i] for i in range(n)}, model_id)
+        ids, stored = cat.indexed_vectors(model_id, dim)
+        assert ids.size == n and np.array_equal(stored, vecs)
+        # An upsert of rows with different column sets updates only what each row gives.
+        cat.write_batch([{"path": "/p/1.jpg", "size": 11, "mtime_ns": 1, "content_hash": "h1",
+                          "state": "failed", "error": "bad", "attempts": 1},
+                         {"path": "/p/new.jpg", "size": 1, "mtime_ns": 0, "content_hash": "h2",
+                          "state": "indexed", "attempts": 0}], {}, model_id)
+        by_path = {r.path: r for r in cat.images()}
+    assert len(by_path) == n + 1
+    assert by_path["/p/1.jpg"].state == "failed" and by_path["/p/1.jpg"].width == 4
+    assert by_path["/p/1.jpg"].size == 11 and by_path["/p/new.jpg"].state == "indexed"
+
+
+def write_rows_catalogue(path: Path, n: int = 300, dim: int = 64) -> None:
+    """A catalogue of n indexed rows with vectors (no model or images needed)."""
+    import numpy as np
+
+    with Catalogue(path) as cat:
+        model_id = cat.register_model({"key": "fake@1", "spec": "fake", "arch": "fake",
+                                       "pretrained": None, "checkpoint_hash": None,
+                                       "open_clip_version": "0", "dim": dim})
+        rng = np.random.default_rng(0)
+        rows = [{"path": f"/photos/folder-{i % 9}/image-{i:05}.png", "size": 1000 + i,
+                 "mtime_ns": i, "content_hash": f"{i:032x}", "state": "indexed"}
+                for i in range(n)]
+        vectors = {r["content_hash"]: rng.standard_normal(dim).astype(np.float32) for r in rows}
+        cat.write_batch(rows, vectors, model_id)
+
+
+def damage_middle(path: Path) -> bytes:
+    """Overwrite 16 KB at offset 64 KB (a sector of a failing disk); returns the new bytes."""
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    assert path.stat().st_size > 96 * 1024
+    with open(path, "r+b") as fh:
+        fh.seek(64 * 1024)
+        fh.write(b"\xab" * 16 * 1024)
+    return path.read_bytes()
+
+
+def test_damage_in_the_middle_is_a_catalogue_error_naming_the_file(tmp_path: Path) -> None:
+    from clipsearch.errors import CatalogueDamagedError
+
+    path = tmp_path / "c.sqlite3"
+    write_rows_catalogue(path)
+    damaged = damage_middle(path)
+    raised = []
+    with Catalogue(path) as cat:
+        model = cat.active_model()
+        assert model is not None
+        for read in (lambda: list(cat.images()), lambda: cat.indexed_vectors(model.id, 64),
+                     lambda: cat.indexed_ids(model.id), cat.count_by_state, cat.failures,
+                     lambda: cat.indexed_id_digest(model.id)):
+            try:
+                read()
+            except CatalogueDamagedError as err:  # never a raw sqlite/SQLAlchemy error
+                raised.append(err)
+    assert raised
+    assert all(str(path) in e.message and "damaged" in e.message for e in raised)
+    assert all(e.hint and "backup" in e.hint and "--db" in e.hint for e in raised)
+    assert path.read_bytes() == damaged  # never overwritten
+
+
+def test_commits_are_durable_against_power_loss(tmp_path: Path) -> None:
+    """WAL with synchronous=NORMAL may lose the last commits on a power cut; FULL does not."""
+    with Catalogue(tmp_path / "c.sqlite3") as cat:
+        with cat.engine.connect() as conn:
+            raw = conn.connection.dbapi_connection
+            assert raw is not None
+            assert raw.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+            assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -31,6 +31,18 @@ def test_importing_the_cli_stays_light() -> None:
     assert out.stdout.strip() == "[]"
 
 
+def test_query_commands_run_numpy_with_one_blas_thread() -> None:
+    """The numpy text tower is ~6x slower per query with OpenBLAS's threads on 2 cores; the
+    setting only works if nothing imported numpy before the query command starts."""
+    pytest.importorskip("threadpoolctl")
+    code = ("import os, clipsearch.cli as c; os.environ.pop('OPENBLAS_NUM_THREADS', None); "
+            "c._one_blas_thread_for_queries(); import numpy, threadpoolctl; "
+            "print([i['num_threads'] for i in threadpoolctl.threadpool_info() "
+            "if i['internal_api'] == 'openblas'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[1]"
+
+
 @pytest.fixture
 def indexed_db(tmp_path: Path, make_image, tiny_model: str) -> Path:  # type: ignore[no-untyped-def]
     for i in range(5):

@@ -67,23 +67,61 @@ def _check_invariants(db: Path, photos: list[Path], final: bool) -> None:
         assert known == set(photos) and len(indexed) == len(photos)
 
 
+def _indexed_count(db: Path) -> int:
+    """Rows the running index has committed so far (0 before the catalogue exists)."""
+    if not db.exists():
+        return 0
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            return int(con.execute("SELECT COUNT(*) FROM images WHERE state = 'indexed'"
+                                   ).fetchone()[0])
+        finally:
+            con.close()
+    except sqlite3.OperationalError:  # no tables yet
+        return 0
+
+
+BATCH = 8
+
+
 def _kill_and_resume(tmp_path: Path, tiny_model: str, rounds: int, n_photos: int) -> None:
     root = tmp_path / "photos"
     photos = _make_photos(root, n_photos)
     db = tmp_path / "cat.sqlite3"
     rng = random.Random(1234)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    mid_run = 0
+    log: list[tuple[int, int, int, int | None]] = []  # (before, target, landed, exit)
     for r in range(rounds):
+        before = _indexed_count(db)
+        # Kill on progress, not on the clock: once the run has committed a random number of
+        # further rows, while some are still left to do.
+        # Paced so that later rounds still find work left, and never so close to the end
+        # that the run can finish between two looks at the catalogue.
+        last = n_photos - 4 * BATCH
+        step = max(1, (last - before) // (rounds - r))
+        target = min(last, before + rng.randint(1, 2 * step))
         proc = subprocess.Popen(_index_cmd(root, db, tiny_model), env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(2.0, 6.0))
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and _indexed_count(db) < target:
+            assert time.monotonic() < deadline, "index run made no progress"
+            time.sleep(0.01)
         sig = signal.SIGKILL if r % 2 == 0 else signal.SIGINT
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
-        if b"Traceback" in err or (sig == signal.SIGINT and proc.returncode not in (0, 1, 130)):
+        # -SIGINT: interrupted while the interpreter was still starting (no handler yet).
+        if b"Traceback" in err or (sig == signal.SIGINT and proc.returncode not in (
+                0, 1, 130, -signal.SIGINT)):
             pytest.fail(f"SIGINT exit {proc.returncode}: {err.decode()[-500:]}")
+        landed = _indexed_count(db)
+        mid_run += before < landed < n_photos and proc.returncode != 0
+        log.append((before, target, landed, proc.returncode))
         if db.exists():
             _check_invariants(db, photos, final=False)
+    # Most kills land mid-run (between the first and the last batch), not before or after.
+    assert mid_run >= max(1, rounds // 2), log
     done = subprocess.run(_index_cmd(root, db, tiny_model), capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr.decode()[-800:]
     _check_invariants(db, photos, final=True)

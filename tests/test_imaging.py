@@ -156,3 +156,71 @@ def test_any_decoder_exception_becomes_a_one_line_image_error(monkeypatch: pytes
     with pytest.raises(ImageError) as info:
         decode_image(data)
     assert "corrupt" in info.value.message and "\n" not in info.value.message
+
+
+def test_16_bit_scaling_makes_no_full_size_float_copies() -> None:
+    """A 9-megapixel 16-bit PNG: the old float64 path allocated 72 MB per copy, several times;
+    scaling in strips allocates the 9 MB uint8 result and a few small strips."""
+    import tracemalloc
+
+    arr = np.zeros((3000, 3000), np.uint16)
+    arr[::5, ::3] = 60000
+    data = _bytes(Image.fromarray(arr), "PNG")
+    del arr
+    tracemalloc.start()
+    try:
+        out = decode_image(data, target=32)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out.image.mode == "RGB" and (out.width, out.height) == (3000, 3000)
+    assert peak < 9_000_000 + 12 * 1_000_000 * 4, peak  # result + a few 4 MB strips
+
+
+def test_full_size_formats_are_capped_lower_than_jpeg() -> None:
+    from clipsearch.imaging import MAX_DECODE_PIXELS, MAX_JPEG_PIXELS, MAX_WEBP_PIXELS
+
+    assert MAX_WEBP_PIXELS < MAX_DECODE_PIXELS <= 50_000_000 < MAX_JPEG_PIXELS
+    data = _bytes(Image.new("1", (8000, 7500)), "PNG")  # 60 MP, a few KB on disk
+    with pytest.raises(ImageError, match="limit 50"):
+        decode_image(data, target=64)
+
+
+def test_pixel_budget_bounds_concurrent_decodes() -> None:
+    import threading
+    import time
+
+    from clipsearch.imaging import _PixelBudget
+
+    budget = _PixelBudget(100)
+    inside: list[int] = []
+    most = [0]
+    lock = threading.Lock()
+
+    def decode(pixels: int) -> None:
+        with budget.hold(pixels):
+            with lock:
+                inside.append(min(pixels, 100))
+                most[0] = max(most[0], sum(inside))
+            time.sleep(0.05)
+            with lock:
+                inside.remove(min(pixels, 100))
+
+    threads = [threading.Thread(target=decode, args=(p,)) for p in (60, 60, 60, 500, 10, 10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert most[0] <= 100 and budget.free == 100  # a request above the total takes it all
+
+
+def test_rotated_png_is_shrunk_before_rotating_and_stays_right() -> None:
+    img = Image.new("RGB", (600, 200), "red")
+    img.paste((0, 0, 255), (0, 0, 100, 200))  # blue strip on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = decode_image(_bytes(img, "PNG", exif=exif), target=32)
+    assert (out.width, out.height) == (200, 600)
+    arr = np.asarray(out.image)
+    assert max(out.image.size) < 600 and arr.shape[0] > arr.shape[1]
+    assert arr[2, arr.shape[1] // 2, 2] > 200  # the blue strip is now on top

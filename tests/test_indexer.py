@@ -79,7 +79,9 @@ def test_moved_and_duplicated_files_reuse_vectors_without_decoding(
 
     monkeypatch.setattr(indexer, "decode_image", no_decode)
     report = run_index(settings, [str(tmp_path / "photos")])
-    assert (report.reused, report.encoded, report.missing) == (2, 0, 1)
+    # One file moved (its old path is not "missing"), one copy of it is a duplicate.
+    assert (report.moved, report.duplicates, report.encoded) == (1, 1, 0)
+    assert (report.new, report.missing) == (0, 0)
     states = _states(settings)
     assert states[str(moved)] == "indexed" and states[str(src)] == "missing"
     assert report.indexed_total == 2
@@ -280,3 +282,131 @@ def test_file_deleted_between_listing_and_reading(settings, make_image, tmp_path
     report = run_index(settings, [str(tmp_path / "photos")])
     assert report.failed_total == 0 and report.indexed_total == 1
     assert _states(settings) == {str(keep): "indexed"}
+    # Reported once, as a notice, not silently dropped.
+    assert [(p.path, p.reason) for p in report.problems] == [
+        (str(doomed), indexer.DELETED_WHILE_INDEXING)]
+
+
+def test_moves_never_load_the_model_and_are_counted_as_moves(settings, make_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    photos = tmp_path / "photos"
+    for i in range(12):
+        make_image(f"old/{i:02}.png", seed=i)
+    make_image("stay/doomed.png", seed=50)
+    make_image("stay/kept.png", seed=51)
+    run_index(settings, [str(photos)])
+    (photos / "new").mkdir()
+    for i in range(12):
+        shutil.move(photos / "old" / f"{i:02}.png", photos / "new" / f"renamed-{i:02}.png")
+    shutil.copy(photos / "stay" / "kept.png", photos / "new" / "kept-copy.png")
+    (photos / "stay" / "doomed.png").unlink()
+
+    def boom(spec: str | None):  # type: ignore[no-untyped-def]
+        raise AssertionError("model loaded although nothing needs encoding")
+
+    report = run_index(settings, [str(photos)], encoder_factory=boom)
+    assert (report.moved, report.duplicates, report.missing) == (12, 1, 1)
+    assert (report.new, report.changed, report.encoded, report.unchanged) == (0, 0, 0, 1)
+    assert report.indexed_total == 14
+    assert report.as_dict()["moved"] == 12
+
+
+def test_hung_decode_is_recorded_as_failed_and_the_run_goes_on(
+    settings, make_image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+) -> None:
+    import threading
+
+    for i in range(6):
+        make_image(f"{i}.png", seed=i)
+    stuck = make_image("stuck.png", seed=99)
+    stuck_bytes = stuck.read_bytes()
+    release = threading.Event()
+    real = indexer.decode_image
+
+    def maybe_hang(data: bytes, target: int = 0):  # type: ignore[no-untyped-def]
+        if data == stuck_bytes:
+            release.wait(30)  # a decoder stuck in C: never returns in time
+        return real(data, target)
+
+    monkeypatch.setattr(indexer, "decode_image", maybe_hang)
+    monkeypatch.setenv("CLIPSEARCH_DECODE_TIMEOUT", "1")  # [env: CLIPSEARCH_DECODE_TIMEOUT]
+    quick = resolve_settings(db=settings.db_path, model=settings.model, batch_size=4, workers=2)
+    assert quick.decode_timeout_s == 1.0
+    try:
+        report = run_index(quick, [str(tmp_path / "photos")])
+    finally:
+        release.set()
+    assert report.indexed_total == 6 and report.failed_total == 1
+    with Catalogue(settings.db_path) as cat:
+        (path, reason, _), = cat.failures()
+    assert path == str(stuck) and reason == "took longer than 1 s to decode"
+
+
+def test_file_growing_while_read_is_skipped_then_indexed_next_run(
+    settings, make_image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+) -> None:
+    import builtins
+
+    make_image("done.png", seed=1)
+    full = make_image("copying.png", seed=2, size=(300, 200)).read_bytes()
+    growing = tmp_path / "photos" / "copying.png"
+    growing.write_bytes(full[: len(full) // 2])  # half copied when the crawler lists it
+
+    class GrowsWhileRead:
+        """The copy goes on while the indexer reads: the rest lands after its read()."""
+
+        def __init__(self, fh):  # type: ignore[no-untyped-def]
+            self.fh = fh
+
+        def read(self, *a):  # type: ignore[no-untyped-def]
+            data = self.fh.read(*a)
+            with builtins.open(growing, "ab") as out:
+                out.write(full[len(full) // 2 :])
+            return data
+
+        def fileno(self) -> int:
+            return self.fh.fileno()
+
+        def __enter__(self):  # type: ignore[no-untyped-def]
+            return self
+
+        def __exit__(self, *exc):  # type: ignore[no-untyped-def]
+            self.fh.close()
+
+    def fake_open(path, mode="r", *a, **k):  # type: ignore[no-untyped-def]
+        fh = builtins.open(path, mode, *a, **k)
+        return GrowsWhileRead(fh) if str(path) == str(growing) else fh
+
+    monkeypatch.setattr(indexer, "open", fake_open, raising=False)
+    report = run_index(settings, [str(tmp_path / "photos")])
+    monkeypatch.undo()
+    assert report.failed_total == 0 and report.changing == 1
+    assert [(p.path, p.reason) for p in report.problems] == [
+        (str(growing), indexer.CHANGED_WHILE_READING)]
+    assert str(growing) not in _states(settings)  # no failed row, no ghost row
+    again = run_index(settings, [str(tmp_path / "photos")])
+    assert again.new == 1 and again.failed_total == 0
+    assert _states(settings)[str(growing)] == "indexed"
+
+
+def test_read_only_catalogue_searches_and_refuses_to_index(settings, make_image, tmp_path: Path, read_only) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from clipsearch.cli import app
+    from clipsearch.errors import CatalogueError
+
+    photos = tmp_path / "photos"
+    for i in range(3):
+        make_image(f"{i}.png", seed=i)
+    run_index(settings, [str(photos)])
+    folder = settings.db_path.parent
+    read_only(*sorted(folder.iterdir()), folder)
+    assert len(search(settings, ["x"]).results) == 3
+    make_image("late.png", seed=7)
+    with pytest.raises(CatalogueError, match="read-only: cannot index") as info:
+        run_index(settings, [str(photos)])
+    assert info.value.hint and "searches still work" in info.value.hint
+    result = CliRunner().invoke(app, ["index", str(photos), "--db", str(settings.db_path),
+                                      "--model", str(settings.model), "-q"])
+    assert result.exit_code == 1 and "unexpected" not in result.output
+    assert "error:" in result.output and "read-only" in result.output
+    assert len(search(settings, ["x"]).results) == 3

@@ -117,3 +117,35 @@ def test_weighted_terms_rank_by_the_combined_vector(settings, indexed, tiny_enco
 def test_long_query_is_truncated_with_a_notice(settings, indexed) -> None:  # type: ignore[no-untyped-def]
     resp = search(settings, [" ".join(["word"] * 50)], SearchOptions(top_k=1))
     assert any("tokens" in n for n in resp.notices) and resp.results
+
+
+def test_searcher_keeps_index_and_model_loaded_between_queries(  # type: ignore[no-untyped-def]
+        settings, indexed, make_image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long-lived caller must not pay for loading the index and text tower per query (that
+    is most of a query's time at 1M images); a re-index is still seen."""
+    import clipsearch.indexer as indexer
+    import clipsearch.text_tower as text_tower
+    from clipsearch.search import Searcher
+
+    loads = {"index": 0, "text": 0}
+    real_index, real_text = indexer.load_index, text_tower.load_fast_text_encoder
+
+    def count(name: str, fn):  # type: ignore[no-untyped-def]
+        def wrapped(*a, **kw):  # type: ignore[no-untyped-def]
+            loads[name] += 1
+            return fn(*a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(indexer, "load_index", count("index", real_index))
+    monkeypatch.setattr(text_tower, "load_fast_text_encoder", count("text", real_text))
+    with Searcher(settings) as searcher:
+        first = [searcher.search([q], SearchOptions(top_k=3)) for q in ("red", "blue", "x")]
+        assert loads == {"index": 1, "text": 1}
+        assert all(len(r.results) == 3 for r in first)
+        assert {"embed", "ann", "rerank", "lookup"} <= set(first[0].timings)
+        new = make_image("c/new.png", seed=99)
+        run_index(settings, [str(tmp_path / "photos")])
+        loads["index"] = 0
+        after = searcher.search(["x"], SearchOptions(top_k=100))
+        assert str(new) in [r.path for r in after.results]
+        assert loads["index"] == 1
