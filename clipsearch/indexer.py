@@ -513,19 +513,21 @@ def _process(
         return _prepare(f, catalogue, model_id, lazy, job.restart_clock)
 
     batch: list[_Work] = []
+    written: set[str] = set()  # content hashes whose vector this run already stored
     pool = _DecodePool(workers, prep)
     try:
         for work in _ordered(pool, files, batch_size * 2, limit_s):
             batch.append(work)
             if len(batch) >= batch_size:
                 _flush(catalogue, lazy, model_id, batch, changed, attempts, gone_hashes,
-                       report)
+                       report, written)
                 done += len(batch)
                 batch = []
                 if progress:
                     progress("index", done, total)
         if batch:
-            _flush(catalogue, lazy, model_id, batch, changed, attempts, gone_hashes, report)
+            _flush(catalogue, lazy, model_id, batch, changed, attempts, gone_hashes, report,
+                   written)
             done += len(batch)
             if progress:
                 progress("index", done, total)
@@ -544,11 +546,21 @@ def _flush(
     attempts: dict[str, int],
     gone_hashes: Counter[str],
     report: IndexReport,
+    written: set[str],
 ) -> None:
-    """Encode the decoded images of one batch and write the whole batch in one transaction."""
+    """Encode the decoded images of one batch and write the whole batch in one transaction.
+
+    Content seen earlier in this run (``written``) or earlier in this batch is encoded once:
+    later copies are duplicates that share its vector, even when a worker decoded them
+    before the first copy reached the catalogue."""
     to_encode: dict[str, np.ndarray] = {}
-    for w in batch:
-        if w.kind == "decoded" and w.content_hash and w.content_hash not in to_encode:
+    copies: set[int] = set()  # positions in batch that are copies of earlier content
+    for position, w in enumerate(batch):
+        if w.kind != "decoded" or not w.content_hash:
+            continue
+        if w.content_hash in written or w.content_hash in to_encode:
+            copies.add(position)
+        else:
             assert w.pixels is not None
             to_encode[w.content_hash] = w.pixels
     vectors: dict[str, np.ndarray] = {}
@@ -559,9 +571,10 @@ def _flush(
         report.stage_seconds["encode"] += time.perf_counter() - t0
         vectors = {h: out[i] for i, h in enumerate(hashes)}
         report.encoded += len(hashes)
+    written.update(to_encode)
     rows: list[dict[str, Any]] = []
     vanished: list[str] = []
-    for w in batch:
+    for position, w in enumerate(batch):
         path = w.file.path
         if w.kind == "vanished":
             vanished.append(path)
@@ -583,7 +596,7 @@ def _flush(
             gone_hashes[w.content_hash] -= 1
             report.moved += 1
             report.missing -= 1  # its old path is not a deletion
-        elif w.kind == "reused":
+        elif w.kind == "reused" or position in copies:
             report.duplicates += 1
         else:
             report.new += 1

@@ -87,6 +87,24 @@ def test_moved_and_duplicated_files_reuse_vectors_without_decoding(
     assert report.indexed_total == 2
 
 
+def test_copies_found_in_one_run_are_encoded_once_and_counted_as_duplicates(
+    settings, make_image, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    """Identical files met in one run, in one batch or in different batches decoded ahead of
+    the first copy's write: one encode, one vector, the rest counted as duplicates."""
+    import dataclasses
+
+    first = make_image("a/00.png", seed=7)
+    for n in range(1, 7):
+        shutil.copy(first, tmp_path / "photos" / "a" / f"{n:02d}.png")
+    for n in range(3):
+        make_image(f"b/{n}.png", seed=20 + n)
+    small = dataclasses.replace(settings, batch_size=2, workers=2)
+    report = run_index(small, [str(tmp_path / "photos")])
+    assert (report.new, report.duplicates, report.encoded) == (4, 6, 4)
+    assert report.indexed_total == 10 and report.failed_total == 0
+
+
 def test_failed_file_retried_only_when_changed(settings, make_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     bad = tmp_path / "photos" / "bad.jpg"
     bad.parent.mkdir(parents=True)
