@@ -36,6 +36,42 @@ def test_bf16_stays_within_cosine_099_of_fp32(tiny_model: str) -> None:
     assert np.sum(fp32.encode_texts(t) * bf16.encode_texts(t), axis=1).min() >= 0.99
 
 
+def _bf16_cosines(spec: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image
+
+    fp32 = load_encoder(spec, device="cpu", precision="fp32")
+    bf16 = load_encoder(spec, device="cpu", precision="bf16")
+    rng = np.random.default_rng(1)
+    imgs = np.stack([fp32.preprocess(Image.fromarray(rng.integers(0, 255, (size, size, 3),
+                                                                  np.uint8)))
+                     for _ in range(6)])
+    texts = ["a photo of a dog", "something to eat", "a rainy day in the city"]
+    return (np.sum(fp32.encode_images(imgs) * bf16.encode_images(imgs), axis=1),
+            np.sum(fp32.encode_texts(texts) * bf16.encode_texts(texts), axis=1))
+
+
+def test_bf16_keeps_the_bundled_models_embeddings_within_cosine_099() -> None:
+    """On trained weights (emoji-mini), not only on a tiny random model."""
+    image_cos, text_cos = _bf16_cosines("emoji-mini", 64)
+    assert image_cos.min() >= 0.99 and text_cos.min() >= 0.99
+
+
+@pytest.mark.slow
+def test_bf16_keeps_vit_b_32_embeddings_within_cosine_099(tmp_path: Path) -> None:
+    """The default architecture at full size (random weights: precision does not need the
+    trained values to show up)."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32-256")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(tmp_path / "w.safetensors"))
+    image_cos, text_cos = _bf16_cosines(f"ViT-B-32-256:{tmp_path / 'w.safetensors'}", 256)
+    assert image_cos.min() >= 0.99 and text_cos.min() >= 0.99
+
+
 @pytest.mark.parametrize(
     "spec,match",
     [
