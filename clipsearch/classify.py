@@ -86,7 +86,14 @@ def classify_vectors(
     logits -= logits.max(axis=1, keepdims=True)
     probs = np.exp(logits)
     probs /= probs.sum(axis=1, keepdims=True)
-    bg = None if background is None else (image_vectors @ background.T).max(axis=1)
+    # The generic prompts are ensembled like the labels (mean of their embeddings): a label
+    # vector is a mean over templates too, so the two cosines are comparable. (The best
+    # single generic prompt would beat most averaged labels.)
+    bg = None
+    if background is not None:
+        generic = np.asarray(background, dtype=np.float32).reshape(-1, image_vectors.shape[1])
+        generic = generic.mean(axis=0)
+        bg = image_vectors @ (generic / max(float(np.linalg.norm(generic)), 1e-12))
     out = []
     for i in range(len(image_vectors)):
         best = int(np.argmax(probs[i]))

@@ -18,6 +18,23 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+def _show_version(value: bool) -> None:
+    if value:
+        from clipsearch import __version__
+
+        sys.stdout.write(f"clipsearch {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version,
+                                          is_eager=True, help="Print the version and exit")
+                       ] = False,
+) -> None:
+    """Find pictures by meaning: index photo folders, then search them by text or example."""
+
+
 DbOpt = Annotated[
     Optional[Path],
     typer.Option("--db", help="Catalogue file or folder [env: CLIPSEARCH_DB; default: "
@@ -78,7 +95,8 @@ def index(
     retry_failed: Annotated[bool, typer.Option(help="Retry files that failed before")] = False,
     wait: Annotated[bool, typer.Option(help="Wait for another index run instead of refusing")
                     ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar (with --json: "
+                                        "no summary table either)")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Summary as JSON on stdout")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -104,7 +122,8 @@ def index(
         import json
 
         sys.stdout.write(json.dumps(report.as_dict()) + "\n")
-    console.index_summary(report)
+    if not (as_json and quiet):
+        console.index_summary(report)
 
 
 def _search_opts(top: int, folder: Path | None, since: str | None, until: str | None,

@@ -98,6 +98,8 @@ def index_summary(report: IndexReport) -> None:
         ("missing (deleted)", report.missing),
         ("failed", report.failed_total),
     ]
+    if report.retried:
+        rows.insert(1, ("retried (failed before)", report.retried))
     if report.changing:
         rows.append(("changing while read (next run)", report.changing))
     for name, n in rows:

@@ -125,10 +125,13 @@ def _check(settings: Settings, report: CheckReport, repair: bool) -> None:
             if st.st_size != row.size or st.st_mtime_ns != row.mtime_ns:
                 changed.append(row.path)
         if vanished:
-            report.problems.append(f"{len(vanished)} indexed files no longer exist")
+            report.problems.append(f"{len(vanished)} indexed file"
+                                   + (" no longer exists" if len(vanished) == 1
+                                      else "s no longer exist"))
         if changed:
             report.problems.append(
-                f"{len(changed)} files changed since indexing (run `clipsearch index` again)"
+                f"{len(changed)} file{'' if len(changed) == 1 else 's'} changed since indexing "
+                "(run `clipsearch index` again)"
             )
         vi = load_index(settings.index_path)
         index_bad = False

@@ -60,6 +60,8 @@ class IndexReport:
     moved: int = 0
     """Files at a new path whose content was at a path that is gone (moved or renamed)."""
     duplicates: int = 0
+    retried: int = 0
+    """Files that had failed before, unchanged, tried again (--retry-failed)."""
     """New files whose content is already catalogued at a path that still exists."""
     encoded: int = 0
     missing: int = 0
@@ -93,6 +95,7 @@ class IndexReport:
             "model": self.model, "scanned": self.scanned, "new": self.new,
             "changed": self.changed, "unchanged": self.unchanged, "moved": self.moved,
             "duplicates": self.duplicates, "moved_or_duplicate": self.reused,
+            "retried": self.retried,
             "encoded": self.encoded, "missing": self.missing, "changing": self.changing,
             "failed": dict(self.failed), "failed_total": self.failed_total,
             "indexed_total": self.indexed_total, "index_kind": self.index_kind,
@@ -598,6 +601,8 @@ def _flush(
             report.missing -= 1  # its old path is not a deletion
         elif w.kind == "reused" or position in copies:
             report.duplicates += 1
+        elif attempts.get(path, 0) > 0:
+            report.retried += 1  # failed before and unchanged: not a new file
         else:
             report.new += 1
         if w.kind in ("decoded", "reused"):

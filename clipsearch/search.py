@@ -391,6 +391,9 @@ class Searcher:
                 if image_id is not None:
                     exclude.add(image_id)
         results = _rank(session, qvec, opts, exclude, timings)
+        if opts.label and not results and not session.catalogue.ids_with_label(opts.label):
+            notices.append(f"no image has the label {opts.label!r}; give it with "
+                           "`clipsearch classify --labels ...` first")
         return SearchResponse(results, session.model_label, notices, timings)
 
 

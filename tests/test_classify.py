@@ -45,7 +45,25 @@ def test_classify_stores_labels_and_search_filters_by_them(settings, make_image,
         expected = {r.path for r in results if r.label == label}
         found = search(settings, ["x"], SearchOptions(top_k=10, label=label))
         assert {r.path for r in found.results} == expected
+    unknown = search(settings, ["x"], SearchOptions(top_k=10, label="banana"))
+    assert not unknown.results and any("banana" in n for n in unknown.notices)
     single = classify(settings, ["cat", "dog"], [str(tmp_path / "photos" / "0.png")],
                       none_margin=None)
     assert len(single) == 1 and single[0].label == next(
         r.label for r in results if r.path.endswith("0.png"))
+
+
+def test_none_of_these_compares_against_the_ensembled_generic_prompts() -> None:
+    """A label beats the generic prompts' mean (as labels are means over templates too); one
+    generic prompt close to the image must not push every image to 'none of these'."""
+    import numpy as np
+
+    from clipsearch.classify import NONE_LABEL, classify_vectors
+
+    image = np.array([[1.0, 0.0, 0.0]], np.float32)
+    labels = np.array([[0.6, 0.8, 0.0], [0.0, 1.0, 0.0]], np.float32)
+    generic = np.array([[0.7, 0.0, 0.714], [-0.3, 0.0, 0.954]], np.float32)  # mean: cos 0.23
+    (label, _, _), = classify_vectors(image, labels, ["cat", "dog"], generic, 10.0, 0.0)
+    assert label == "cat"
+    (label, _, _), = classify_vectors(image, labels, ["cat", "dog"], generic, 10.0, 0.4)
+    assert label == NONE_LABEL

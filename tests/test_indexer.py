@@ -117,6 +117,7 @@ def test_failed_file_retried_only_when_changed(settings, make_image, tmp_path: P
     retried = run_index(settings, [str(tmp_path / "photos")],
                         indexer.IndexOptions(retry_failed=True))
     assert retried.failed_total == 1
+    assert (retried.retried, retried.new) == (1, 0)  # a retried failure is not a new file
     with Catalogue(settings.db_path) as cat:
         (path, reason, attempts), = cat.failures()
     assert path == str(bad) and attempts == 2 and reason

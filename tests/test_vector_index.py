@@ -125,3 +125,16 @@ def test_damaged_or_missing_index_file_reads_as_none(tmp_path: Path) -> None:
     assert load_index(path) is None
     assert load_index(tmp_path / "absent.faiss") is None
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_ivfpq_probes_a_quarter_of_the_lists_even_for_old_index_files(tmp_path: Path) -> None:
+    """An eighth of the lists gave recall@10 0.89 at 1M CLIP-like vectors (0.98 with a
+    quarter); indexes saved with the old, smaller nprobe search with the current policy."""
+    nlist, _, nprobe = ivfpq_params(1_000_000, 512)
+    assert nprobe >= nlist // 4
+    images, texts, _ = clip_like(8_000, 5, 32)
+    vi = build_index(np.arange(8_000, dtype=np.int64), images, "m", 1, kind=KIND_IVFPQ)
+    vi.nprobe = 1  # as an old file would record
+    save_index(vi, tmp_path / "i.faiss")
+    loaded = load_index(tmp_path / "i.faiss")
+    assert loaded is not None and loaded.nprobe >= vi.index.nlist // 4
