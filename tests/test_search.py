@@ -149,3 +149,47 @@ def test_searcher_keeps_index_and_model_loaded_between_queries(  # type: ignore[
         after = searcher.search(["x"], SearchOptions(top_k=100))
         assert str(new) in [r.path for r in after.results]
         assert loads["index"] == 1
+
+
+def test_search_through_ivfpq_returns_true_cosines_close_to_exact(
+    settings, tiny_model: str, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+) -> None:
+    """The large-collection path end to end: `search()` over an IVF-PQ index re-ranks its
+    candidates exactly, so scores are true cosines and the top 10 match an exact scan."""
+    from clipsearch import indexer
+    from clipsearch.catalogue.store import Catalogue
+    from clipsearch.encoder import load_encoder
+    from clipsearch.indexer import remember_fast_text
+
+    encoder = load_encoder(tiny_model, device="cpu", precision="fp32")
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(60, encoder.info.dim)).astype(np.float32)
+    vecs = centres[rng.integers(0, 60, 6000)] + 0.35 * rng.normal(
+        size=(6000, encoder.info.dim)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    settings.db_path.parent.mkdir(parents=True, exist_ok=True)
+    with Catalogue(settings.db_path) as cat:
+        model_id = cat.register_model(encoder.info.as_record())
+        remember_fast_text(cat, encoder)
+        rows = [{"path": f"/photos/{i:05d}.jpg", "size": 1000 + i, "mtime_ns": i,
+                 "content_hash": f"{i:032x}", "width": 64, "height": 48, "format": "JPEG",
+                 "captured_at": None, "state": "indexed", "error": None, "attempts": 0}
+                for i in range(len(vecs))]
+        cat.write_batch(rows, {r["content_hash"]: v for r, v in zip(rows, vecs)}, model_id)
+    monkeypatch.setattr(indexer, "choose_kind", lambda n: "ivfpq")
+    queries = ["a red square", "a dog on a beach", "sunset", "blue circle", "a cat"]
+    qvecs = encoder.encode_texts(queries)
+    overlaps = []
+    for query, q in zip(queries, qvecs):
+        resp = search(settings, [query], SearchOptions(top_k=10))
+        assert len(resp.results) == 10
+        by_path = {f"/photos/{i:05d}.jpg": i for i in range(len(vecs))}
+        for r in resp.results:
+            assert abs(float(vecs[by_path[r.path]] @ q) - r.score) < 1e-4
+        exact = set(np.argsort(-(vecs @ q))[:10].tolist())
+        overlaps.append(len(exact & {by_path[r.path] for r in resp.results}) / 10)
+    assert np.mean(overlaps) >= 0.9
+    from clipsearch.vector_index import load_index
+
+    vi = load_index(settings.index_path)
+    assert vi is not None and vi.kind == "ivfpq"
