@@ -112,8 +112,14 @@ def classify(
     none_margin: float | None = DEFAULT_NONE_MARGIN,
     store: bool = True,
     encoder_factory: EncoderFactory | None = None,
+    failed: list[str] | None = None,
 ) -> list[Classification]:
-    """Classify every indexed image (or the given files) and store the labels."""
+    """Classify every indexed image (or the given files) and store the labels.
+
+    A given file that cannot be read is skipped and reported as "path: reason" in
+    ``failed`` when a list is passed; without one it raises ImageError naming the file."""
+    from clipsearch.errors import ImageError
+
     from clipsearch.catalogue.store import Catalogue
     from clipsearch.encoder import load_encoder
     from clipsearch.imaging import decode_file
@@ -133,7 +139,14 @@ def classify(
                 abspath = os.path.abspath(p)
                 vec = cat.vector_for_path(abspath, session.model_id)
                 if vec is None:
-                    decoded = decode_file(abspath, encoder.image_size)
+                    try:
+                        decoded = decode_file(abspath, encoder.image_size)
+                    except ImageError as err:
+                        reason = f"{p}: {err.message}"
+                        if failed is None:
+                            raise ImageError(reason) from err
+                        failed.append(reason)
+                        continue
                     vec = encoder.encode_images(encoder.preprocess(decoded.image)[None])[0]
                 items.append((abspath, cat.image_id_for_path(abspath), vec))
         else:

@@ -86,8 +86,9 @@ def index(
     db: DbOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = None,
-    batch_size: Annotated[int, typer.Option(help="Images per model batch")] = DEFAULT_BATCH_SIZE,
-    workers: Annotated[int, typer.Option(help="Decode threads (0: one per core)")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Images per model batch", min=1)
+                          ] = DEFAULT_BATCH_SIZE,
+    workers: Annotated[int, typer.Option(help="Decode threads (0: one per core)", min=0)] = 0,
     include_hidden: Annotated[bool, typer.Option(help="Also index hidden files/folders")] = False,
     include_system: Annotated[
         bool, typer.Option(help="Also index OS metadata (._*, .Trashes, thumbnail caches)")
@@ -129,14 +130,30 @@ def index(
 def _search_opts(top: int, folder: Path | None, since: str | None, until: str | None,
                  fmt: list[str] | None, sort: str, margin: float | None,
                  label: str | None = None) -> Any:
+    import math
+
+    from clipsearch.crawler import FORMAT_ALIASES, KNOWN_FORMATS
+    from clipsearch.errors import UsageError
     from clipsearch.search import SearchOptions, parse_date
 
+    if margin is not None and not (math.isfinite(margin) and margin >= 0):
+        raise UsageError(f"--margin {margin}: must be a score difference of 0 or more")
+    if folder is not None and not folder.is_dir():
+        raise UsageError(f"--folder {folder}: no such folder")
+    formats = tuple(FORMAT_ALIASES.get(f.upper(), f.upper()) for f in (fmt or []))
+    unknown = [f for f in formats if f not in KNOWN_FORMATS]
+    if unknown:
+        raise UsageError(f"--format {unknown[0]}: unknown format",
+                         hint=f"one of {', '.join(sorted(KNOWN_FORMATS))}")
+    date_from, date_to = parse_date(since), parse_date(until, end=True)
+    if date_from is not None and date_to is not None and date_to < date_from:
+        raise UsageError(f"--until {until} is before --since {since}")
     return SearchOptions(
         top_k=top,
         folder=str(folder) if folder else None,
-        date_from=parse_date(since),
-        date_to=parse_date(until, end=True),
-        formats=tuple(f.upper().replace("JPG", "JPEG") for f in (fmt or [])),
+        date_from=date_from,
+        date_to=date_to,
+        formats=formats,
         sort=sort,
         margin=margin,
         label=label,
@@ -270,9 +287,15 @@ def classify(
     def go() -> Any:
         names = parse_labels(labels, str(labels_file) if labels_file else None)
         return run_classify(_settings(db, None, device), names,
-                            [str(p) for p in paths or []], none_margin, not no_store)
+                            [str(p) for p in paths or []], none_margin, not no_store,
+                            failed=failed)
 
+    failed: list[str] = []
     console.classifications(_run(go, verbose), as_json)
+    for reason in failed:
+        console.error(reason)
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command("eval")
@@ -312,8 +335,8 @@ def train(
     config: Annotated[Optional[Path], typer.Option(
         "--config", help="open_clip model config JSON for training from scratch "
         "[default: the emoji-mini architecture]")] = None,
-    steps: Annotated[int, typer.Option(help="Optimiser steps")] = 1000,
-    batch_size: Annotated[int, typer.Option(help="Image-caption pairs per step")] = 128,
+    steps: Annotated[int, typer.Option(help="Optimiser steps", min=1)] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Image-caption pairs per step", min=2)] = 128,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate")] = 5e-4,
     seed: Annotated[int, typer.Option(help="Seed (same seed + data = same model)")] = 0,
     freeze_image: Annotated[bool, typer.Option(help="Lock the image tower (LiT-style)")] = False,

@@ -66,12 +66,19 @@ def resolve_settings(
     db_value = Path(db_value).expanduser()
     if db_value.is_dir():
         db_value = db_value / CATALOGUE_FILENAME
+    workers_value = workers if workers is not None else int(_env("WORKERS") or 0)
+    batch_value = batch_size or int(_env("BATCH_SIZE") or DEFAULT_BATCH_SIZE)
+    if workers_value < 0 or batch_value < 1:
+        from clipsearch.errors import UsageError
+
+        raise UsageError(f"workers must be 0 or more and batch size at least 1 "
+                         f"(got {workers_value} and {batch_value})")
     return Settings(
         db_path=db_value,
         model=model or _env("MODEL"),
         device=device or _env("DEVICE") or "auto",
-        batch_size=batch_size or int(_env("BATCH_SIZE") or DEFAULT_BATCH_SIZE),
-        workers=workers if workers is not None else int(_env("WORKERS") or 0),
+        batch_size=batch_value,
+        workers=workers_value,
         decode_timeout_s=_positive_float(_env("DECODE_TIMEOUT"), DEFAULT_DECODE_TIMEOUT_S),
     )
 

@@ -78,6 +78,12 @@ def is_system_name(name: str) -> bool:
     return name in SYSTEM_NAMES or name.startswith("._")
 
 
+KNOWN_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF", "HEIF", "HEIC",
+                           "AVIF"})
+"""Format names the catalogue records (Pillow's), for filters such as `--format`."""
+FORMAT_ALIASES = {"JPG": "JPEG", "TIF": "TIFF"}
+
+
 def sniff_image_format(head: bytes) -> str | None:
     """Name the image format from a file's first bytes, or None if it is not an image."""
     if head.startswith(b"\xff\xd8\xff"):

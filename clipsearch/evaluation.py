@@ -69,6 +69,9 @@ def read_labelled(captions_file: Path) -> list[LabelledImage]:
             concept[p] = str(row["concept"])
         if row.get("category"):
             category[p] = str(row["category"])
+    if not caps:
+        raise UsageError(f"{captions_file}: no captioned rows (needs a header with path and "
+                         "caption)")
     return [LabelledImage(p, tuple(c), concept.get(p), category.get(p)) for p, c in caps.items()]
 
 
@@ -83,6 +86,8 @@ def evaluate(
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalReport:
     """Encode every image, then measure text->image, image->image and category quality."""
+    if not folder.is_dir():
+        raise UsageError(f"{folder}: no such folder")
     report = EvalReport(encoder.info.spec if encoder.info.spec == encoder.info.key
                         else f"{encoder.info.spec} ({encoder.info.key})")
     kept: list[LabelledImage] = []

@@ -373,6 +373,8 @@ class Searcher:
 
     def similar(self, image: str, opts: SearchOptions = SearchOptions()) -> SearchResponse:
         """Images most like IMAGE (indexed or not); the image itself is never its own hit."""
+        if os.path.isdir(image):
+            raise UsageError(f"{image}: is a folder, not an image")
         if not os.path.isfile(image):
             raise UsageError(f"{image}: no such file")
         return self.search([image], opts)
@@ -408,6 +410,5 @@ def search(settings: Settings, parts: Sequence[str], opts: SearchOptions = Searc
 def similar(settings: Settings, image: str, opts: SearchOptions = SearchOptions(),
             encoder_factory: EncoderFactory | None = None) -> SearchResponse:
     """Images most like IMAGE (indexed or not); the image itself is never its own hit."""
-    if not os.path.isfile(image):
-        raise UsageError(f"{image}: no such file")
-    return search(settings, [image], opts, encoder_factory)
+    with Searcher(settings, encoder_factory) as searcher:
+        return searcher.similar(image, opts)

@@ -377,8 +377,12 @@ def train_model(
     import torch
     from PIL import Image
 
+    if config.steps < 1 or config.batch_size < 2:
+        raise TrainingError(f"need steps >= 1 and a batch size >= 2 (a batch's other pairs are "
+                            f"the negatives); got {config.steps} and {config.batch_size}")
     if len(images) < config.batch_size:
-        raise TrainingError(f"need at least {config.batch_size} images, got {len(images)}")
+        raise TrainingError(f"need at least {config.batch_size} images for --batch-size "
+                            f"{config.batch_size}, got {len(images)}")
     torch.manual_seed(config.seed)
     tokenizer = make_tokenizer(model_cfg)
     transform = make_image_transform(
@@ -574,6 +578,8 @@ def run_training(
 
     from clipsearch.encoder import InMemoryEncoder
 
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TrainingError(f"{out_dir}: --out is a file, not a folder")
     images = read_captions(captions)
     if not images:
         raise TrainingError(f"{captions}: no captioned images")

@@ -98,3 +98,74 @@ def test_index_with_another_model_is_refused(indexed_db: Path, tmp_path: Path) -
     res = runner.invoke(app, ["index", str(tmp_path / "photos"), "--db", str(indexed_db),
                               "--model", str(other), "-q"])
     assert res.exit_code == 1 and "hint:" in res.output
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["index", "{tmp}", "--workers", "-1"], "--workers"),
+    (["train", "{tmp}", "--captions", "{tmp}/c.csv", "--out", "{tmp}/o", "--batch-size", "0"],
+     "--batch-size"),
+    (["train", "{tmp}", "--captions", "{tmp}/c.csv", "--out", "{tmp}/o", "--steps", "0"],
+     "--steps"),
+])
+def test_impossible_numbers_are_usage_errors(args: list[str], needle: str, tmp_path: Path) -> None:
+    """A negative worker count used to hang `index`; a zero batch size made `train` eat
+    memory until killed."""
+    from typer.testing import CliRunner
+
+    from clipsearch.cli import app
+
+    res = CliRunner().invoke(app, [a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert res.exit_code == 2 and needle in res.output
+
+
+def test_library_refuses_impossible_settings_and_training_configs(tmp_path: Path) -> None:
+    from clipsearch.config import resolve_settings
+    from clipsearch.errors import UsageError
+    from clipsearch.training import TrainConfig, TrainingError, train_model
+
+    with pytest.raises(UsageError):
+        resolve_settings(db=tmp_path / "c.sqlite3", workers=-1)
+    with pytest.raises(TrainingError, match="batch size"):
+        train_model(None, {}, tmp_path, [], TrainConfig(steps=1, batch_size=0))
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--margin", "-1"], "--margin"),
+    (["--margin", "nan"], "--margin"),
+    (["--format", "NOPE"], "unknown format"),
+    (["--since", "2024-01", "--until", "2020-01"], "before --since"),
+    (["--folder", "/no/such/folder"], "no such folder"),
+])
+def test_search_filters_that_match_nothing_by_construction_are_errors(
+    extra: list[str], needle: str, settings, make_image, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    from typer.testing import CliRunner
+
+    from clipsearch.cli import app
+    from clipsearch.indexer import run_index
+
+    make_image("a.png")
+    run_index(settings, [str(tmp_path / "photos")])
+    res = CliRunner().invoke(app, ["search", "cat", "--db", str(settings.db_path), *extra])
+    assert res.exit_code == 1 and needle in res.output
+
+
+def test_similar_of_a_folder_and_classify_of_a_bad_file_name_the_path(
+    settings, make_image, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    from typer.testing import CliRunner
+
+    from clipsearch.cli import app
+    from clipsearch.indexer import run_index
+
+    good = make_image("a.png")
+    run_index(settings, [str(tmp_path / "photos")])
+    db = ["--db", str(settings.db_path)]
+    res = CliRunner().invoke(app, ["similar", str(tmp_path / "photos"), *db])
+    assert res.exit_code == 1 and "is a folder" in res.output
+    bad = tmp_path / "garbage.jpg"
+    bad.write_bytes(b"not an image at all")
+    res = CliRunner().invoke(app, ["classify", "--labels", "cat,dog", str(good), str(bad),
+                                   "--json", *db])
+    assert res.exit_code == 1
+    assert str(bad) in res.output and str(good) in res.output  # the good one still classified
