@@ -92,6 +92,7 @@ def _kill_and_resume(tmp_path: Path, tiny_model: str, rounds: int, n_photos: int
     rng = random.Random(1234)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     mid_run = 0
+    searches_during_runs = 0
     log: list[tuple[int, int, int, int | None]] = []  # (before, target, landed, exit)
     for r in range(rounds):
         before = _indexed_count(db)
@@ -105,9 +106,16 @@ def _kill_and_resume(tmp_path: Path, tiny_model: str, rounds: int, n_photos: int
         proc = subprocess.Popen(_index_cmd(root, db, tiny_model), env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 300
-        while proc.poll() is None and _indexed_count(db) < target:
+        searched = False
+        while proc.poll() is None and (count := _indexed_count(db)) < target:
             assert time.monotonic() < deadline, "index run made no progress"
+            if not searched and count > before:
+                # A search while the index run writes: answers from what is committed.
+                resp = search(resolve_settings(db=db), ["a picture"], SearchOptions(top_k=5))
+                assert 1 <= len(resp.results) <= 5
+                searched = True
             time.sleep(0.01)
+        searches_during_runs += searched
         sig = signal.SIGKILL if r % 2 == 0 else signal.SIGINT
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
@@ -122,6 +130,7 @@ def _kill_and_resume(tmp_path: Path, tiny_model: str, rounds: int, n_photos: int
             _check_invariants(db, photos, final=False)
     # Most kills land mid-run (between the first and the last batch), not before or after.
     assert mid_run >= max(1, rounds // 2), log
+    assert searches_during_runs >= 1
     done = subprocess.run(_index_cmd(root, db, tiny_model), capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr.decode()[-800:]
     _check_invariants(db, photos, final=True)

@@ -429,3 +429,36 @@ def test_read_only_catalogue_searches_and_refuses_to_index(settings, make_image,
     assert result.exit_code == 1 and "unexpected" not in result.output
     assert "error:" in result.output and "read-only" in result.output
     assert len(search(settings, ["x"]).results) == 3
+
+
+def test_only_the_lock_holder_writes_the_index_file(settings, make_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """While another process holds the writer lock (an index run), a search that finds the
+    index file missing answers from an in-memory index and leaves the file alone."""
+    import multiprocessing
+
+    from clipsearch.catalogue.store import WriterLock
+    from clipsearch.search import SearchOptions, search
+
+    make_image("a.png")
+    make_image("b.png", seed=1)
+    run_index(settings, [str(tmp_path / "photos")])
+    settings.index_path.unlink()
+    ready, release = multiprocessing.Event(), multiprocessing.Event()
+
+    def hold() -> None:
+        with WriterLock(settings.lock_path):
+            ready.set()
+            release.wait(30)
+
+    holder = multiprocessing.get_context("fork").Process(target=hold)
+    holder.start()
+    try:
+        assert ready.wait(30)
+        resp = search(settings, ["a picture"], SearchOptions(top_k=5))
+        assert len(resp.results) == 2
+        assert not settings.index_path.exists()
+    finally:
+        release.set()
+        holder.join(30)
+    search(settings, ["a picture"], SearchOptions(top_k=5))
+    assert settings.index_path.exists()  # with the lock free, the search writes it back
