@@ -462,3 +462,28 @@ def test_only_the_lock_holder_writes_the_index_file(settings, make_image, tmp_pa
         holder.join(30)
     search(settings, ["a picture"], SearchOptions(top_k=5))
     assert settings.index_path.exists()  # with the lock free, the search writes it back
+
+
+def test_disk_full_while_writing_the_index_file_is_a_clear_error_and_keeps_the_catalogue(
+    settings, make_image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+) -> None:
+    import errno
+
+    from clipsearch import vector_index
+    from clipsearch.errors import ClipsearchError
+
+    for i in range(3):
+        make_image(f"{i}.png", seed=i)
+
+    def full(_fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(vector_index.os, "fsync", full)
+    with pytest.raises(ClipsearchError, match="cannot write index .*No space left"):
+        run_index(settings, [str(tmp_path / "photos")])
+    assert not settings.index_path.exists()
+    assert not list(settings.index_path.parent.glob("*.tmp"))
+    assert sorted(_states(settings).values()) == ["indexed"] * 3  # the catalogue kept them
+    monkeypatch.undo()
+    again = run_index(settings, [str(tmp_path / "photos")])
+    assert again.unchanged == 3 and settings.index_path.exists()
