@@ -220,7 +220,11 @@ class NumpyTextEncoder:
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         w = self.w
         tokens = self.tokenizer(texts)
-        x = w["token_embedding.weight"][tokens] + w["positional_embedding"]
+        # The causal mask means no position sees a later one: positions after the last
+        # end-of-text token cannot change any pooled output, so they are not computed.
+        n_used = int(tokens.argmax(-1).max()) + 1
+        tokens = tokens[:, :n_used]
+        x = w["token_embedding.weight"][tokens] + w["positional_embedding"][:n_used]
         n_ctx = x.shape[1]
         mask = np.triu(np.full((n_ctx, n_ctx), -np.inf, dtype=np.float32), 1)
         heads = self.tower["heads"]

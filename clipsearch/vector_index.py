@@ -233,6 +233,9 @@ def save_index(vi: VectorIndex, path: Path) -> None:
             fh.write(blob)
             fh.flush()
             os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an index is as shareable as its db
         os.replace(tmp, path)
     except OSError as err:
         try:

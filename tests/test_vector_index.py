@@ -138,3 +138,18 @@ def test_ivfpq_probes_a_quarter_of_the_lists_even_for_old_index_files(tmp_path: 
     save_index(vi, tmp_path / "i.faiss")
     loaded = load_index(tmp_path / "i.faiss")
     assert loaded is not None and loaded.nprobe >= vi.index.nlist // 4
+
+
+def test_saved_index_is_as_readable_as_the_umask_allows(tmp_path: Path) -> None:
+    """mkstemp makes 0600 files: other users of a shared catalogue could not read its index."""
+    import os
+
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(20, 8)).astype(np.float32)
+    vi = build_index(np.arange(20, dtype=np.int64), vecs, "m", 1)
+    old = os.umask(0o022)
+    try:
+        save_index(vi, tmp_path / "i.faiss")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "i.faiss").stat().st_mode & 0o777 == 0o644
