@@ -173,6 +173,8 @@ def scan_directories(
                 except FileNotFoundError:
                     if entry.is_symlink():
                         problem(entry.path, "symbolic link to nothing (dangling)")
+                    else:
+                        problem(entry.path, "deleted while its folder was being read")
                     continue
                 except OSError as err:
                     if err.errno == errno.ELOOP:

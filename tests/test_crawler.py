@@ -82,3 +82,42 @@ def test_sniff_formats() -> None:
     assert sniff_image_format(b"\0\0\0\x18ftypheic") == "HEIF"
     assert sniff_image_format(b"\0\0\0\x18ftypavif") == "AVIF"
     assert sniff_image_format(b"\0\0\0\x18ftypisom") is None
+
+
+def test_folder_removed_mid_walk_is_reported_once_and_leaves_no_ghost_rows(
+    settings, make_image, tmp_path: Path, monkeypatch  # type: ignore[no-untyped-def]
+) -> None:
+    import shutil
+
+    from clipsearch import crawler
+    from clipsearch.catalogue.store import Catalogue
+    from clipsearch.indexer import run_index
+
+    make_image("a/1.png", seed=1)
+    make_image("b/2.png", seed=2)
+    make_image("b/3.png", seed=3)
+    gone = tmp_path / "photos" / "b"
+    real_scandir = os.scandir
+
+    class Listed(list):  # type: ignore[type-arg]
+        def __enter__(self):  # type: ignore[no-untyped-def]
+            return iter(self)
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    def scandir_then_remove_b(path):  # type: ignore[no-untyped-def]
+        named = isinstance(path, (str, bytes))
+        if not (named and os.fsdecode(path) == str(tmp_path / "photos") and gone.exists()):
+            return real_scandir(path)
+        with real_scandir(path) as it:
+            entries = Listed(it)
+        shutil.rmtree(gone)  # listed as a folder, gone before the walk reaches it
+        return entries
+
+    monkeypatch.setattr(crawler.os, "scandir", scandir_then_remove_b)
+    report = run_index(settings, [str(tmp_path / "photos")])
+    assert [p.path for p in report.problems] == [str(gone)]
+    assert report.new == 1 and report.failed_total == 0
+    with Catalogue(settings.db_path) as cat:
+        assert [Path(r.path).name for r in cat.images()] == ["1.png"]
