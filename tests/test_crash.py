@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -106,16 +107,20 @@ def _kill_and_resume(tmp_path: Path, tiny_model: str, rounds: int, n_photos: int
         proc = subprocess.Popen(_index_cmd(root, db, tiny_model), env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 300
-        searched = False
+        answers: list[int] = []
+        searcher: threading.Thread | None = None
+
+        def search_now() -> None:
+            # A search while the index run writes: answers from what is committed.
+            resp = search(resolve_settings(db=db), ["a picture"], SearchOptions(top_k=5))
+            answers.append(len(resp.results))
+
         while proc.poll() is None and (count := _indexed_count(db)) < target:
             assert time.monotonic() < deadline, "index run made no progress"
-            if not searched and count > before:
-                # A search while the index run writes: answers from what is committed.
-                resp = search(resolve_settings(db=db), ["a picture"], SearchOptions(top_k=5))
-                assert 1 <= len(resp.results) <= 5
-                searched = True
+            if searcher is None and count > before:
+                searcher = threading.Thread(target=search_now)  # polling goes on meanwhile
+                searcher.start()
             time.sleep(0.01)
-        searches_during_runs += searched
         sig = signal.SIGKILL if r % 2 == 0 else signal.SIGINT
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
@@ -123,6 +128,10 @@ def _kill_and_resume(tmp_path: Path, tiny_model: str, rounds: int, n_photos: int
         if b"Traceback" in err or (sig == signal.SIGINT and proc.returncode not in (
                 0, 1, 130, -signal.SIGINT)):
             pytest.fail(f"SIGINT exit {proc.returncode}: {err.decode()[-500:]}")
+        if searcher is not None:
+            searcher.join(60)
+            assert answers and 1 <= answers[0] <= 5, answers
+            searches_during_runs += 1
         landed = _indexed_count(db)
         mid_run += before < landed < n_photos and proc.returncode != 0
         log.append((before, target, landed, proc.returncode))
