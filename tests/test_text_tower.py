@@ -90,3 +90,26 @@ def test_numpy_text_tower_matches_torch_at_full_size(tmp_path: Path) -> None:
         ref = model.encode_text(tok(TEXTS), normalize=True).numpy()
     got = NumpyTextEncoder(str(path), tower).encode_texts(TEXTS)
     assert np.min(np.sum(got * ref, axis=1)) > 0.9999
+
+
+class _DtypeSpy(np.ndarray):
+    """An array that records the dtypes of every ufunc (matmul included) it takes part in."""
+
+    seen: list[str] = []
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):  # type: ignore[no-untyped-def]
+        _DtypeSpy.seen.extend(str(np.asarray(i).dtype) for i in inputs
+                              if isinstance(i, np.ndarray))
+        plain = [np.asarray(i) if isinstance(i, _DtypeSpy) else i for i in inputs]
+        return getattr(ufunc, method)(*plain, **kwargs)
+
+
+def test_numpy_text_towers_compute_in_float32(tiny_encoder, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A float64 numpy scalar in the attention scale once promoted the whole residual stream
+    to float64, converting every weight matrix on every product: 5x slower queries."""
+    fast = NumpyTextEncoder(tiny_encoder.weights_file, tiny_encoder.text_tower)
+    fast.w = {k: v.view(_DtypeSpy) for k, v in fast.w.items()}
+    _DtypeSpy.seen = []
+    out = fast.encode_texts(["a dog on a beach"])
+    assert out.dtype == np.float32 and _DtypeSpy.seen
+    assert set(_DtypeSpy.seen) <= {"float32", "int64"}, set(_DtypeSpy.seen)
