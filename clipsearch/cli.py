@@ -284,13 +284,14 @@ def classify(
     from clipsearch.classify import classify as run_classify
     from clipsearch.classify import parse_labels
 
+    failed: list[str] = []  # given files that could not be read: "path: reason"
+
     def go() -> Any:
         names = parse_labels(labels, str(labels_file) if labels_file else None)
         return run_classify(_settings(db, None, device), names,
                             [str(p) for p in paths or []], none_margin, not no_store,
                             failed=failed)
 
-    failed: list[str] = []
     console.classifications(_run(go, verbose), as_json)
     for reason in failed:
         console.error(reason)

@@ -284,7 +284,9 @@ class OpenClipEncoder:
             except (OSError, ValueError) as err:
                 raise ModelError(f"{resolved.local_dir}: unreadable model config ({err})") from err
         try:
-            if resolved.local_dir is not None and _is_sentence_cfg(local_cfg):
+            from clipsearch.text_tower import is_sentence_cfg
+
+            if resolved.local_dir is not None and is_sentence_cfg(local_cfg):
                 from clipsearch.sentence_tower import load_sentence_clip
 
                 model, tokenizer, _ = load_sentence_clip(Path(resolved.local_dir))
@@ -443,11 +445,6 @@ class InMemoryEncoder:
         with torch.inference_mode():
             out = self.model.encode_text(self.tokenizer(texts), normalize=True)
         return _normalised(out.float().numpy())
-
-
-def _is_sentence_cfg(config: dict[str, Any]) -> bool:
-    model_cfg = config.get("model_cfg", config)
-    return (model_cfg.get("text_cfg") or {}).get("kind") == "bert-sentence"
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,13 +45,10 @@ class EvalReport:
 def read_labelled(captions_file: Path) -> list[LabelledImage]:
     """CSV (header: path, caption[, concept][, category]) or JSON lines with those keys;
     several rows per image add captions."""
+    from clipsearch.training import read_caption_rows
+
     try:
-        if captions_file.suffix.lower() in (".jsonl", ".ndjson", ".json"):
-            with captions_file.open(encoding="utf-8") as fh:
-                rows = [json.loads(line) for line in fh if line.strip()]
-        else:
-            with captions_file.open(encoding="utf-8", newline="") as fh:
-                rows = list(csv.DictReader(fh))
+        rows = read_caption_rows(captions_file)
     except (OSError, ValueError) as err:
         raise UsageError(f"{captions_file}: cannot read captions ({err})") from err
     caps: dict[str, list[str]] = defaultdict(list)

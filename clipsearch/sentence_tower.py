@@ -22,13 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TEXT_KIND = "bert-sentence"
 TOKENIZER_FILE_NAME = "tokenizer.json"
-
-
-def is_sentence_cfg(model_cfg: dict[str, Any]) -> bool:
-    """True when a model config describes a SentenceCLIP (not a plain open_clip model)."""
-    return (model_cfg.get("text_cfg") or {}).get("kind") == TEXT_KIND
 
 
 class _Embeddings(nn.Module):

@@ -21,6 +21,14 @@ from typing import Any
 import numpy as np
 
 LAYER_NORM_EPS = 1e-5
+SENTENCE_TEXT_KIND = "bert-sentence"
+"""text_cfg.kind of a clipsearch.sentence_tower model (a BERT sentence encoder as text tower)."""
+
+
+def is_sentence_cfg(config: dict[str, Any]) -> bool:
+    """True for a model config (or a whole open_clip_config.json) with a sentence text tower."""
+    model_cfg = config.get("model_cfg", config)
+    return (model_cfg.get("text_cfg") or {}).get("kind") == SENTENCE_TEXT_KIND
 
 
 @lru_cache(maxsize=1)
@@ -159,10 +167,10 @@ def describe_text_tower(model: Any, model_cfg: dict[str, Any]) -> dict[str, Any]
     """What the numpy path needs to rebuild this open_clip model's text tower, or None if
     the tower is not the standard CLIP one. Called with the torch model at index time."""
     text_cfg = dict(model_cfg.get("text_cfg") or {})
-    if text_cfg.get("kind") == "bert-sentence":
+    if text_cfg.get("kind") == SENTENCE_TEXT_KIND:
         bert = text_cfg["bert"]
         return {
-            "kind": "bert-sentence",
+            "kind": SENTENCE_TEXT_KIND,
             "layers": int(bert["num_hidden_layers"]),
             "heads": int(bert["num_attention_heads"]),
             "eps": float(bert.get("layer_norm_eps", 1e-12)),
@@ -349,7 +357,7 @@ def load_fast_text_encoder(record: dict[str, Any]) -> NumpyTextEncoder | NumpyBe
     if st.st_size != record.get("size") or st.st_mtime_ns != record.get("mtime_ns"):
         return None
     try:
-        if record["tower"].get("kind") == "bert-sentence":
+        if record["tower"].get("kind") == SENTENCE_TEXT_KIND:
             return NumpyBertEncoder(path, record["tower"])
         return NumpyTextEncoder(path, record["tower"])
     except (KeyError, OSError, ValueError):

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from clipsearch.text_tower import is_sentence_cfg
+
 if TYPE_CHECKING:  # heavy imports stay inside functions
     import torch
     from open_clip.model import CLIP
@@ -77,20 +79,25 @@ class TrainResult:
 # --------------------------------------------------------------------------- data
 
 
+def read_caption_rows(captions_path: Path) -> list[dict[str, Any]]:
+    """The rows of a CSV (with a header) or JSON-lines captions file, as dicts.
+
+    Raises OSError or ValueError; callers name the file in their own error."""
+    if captions_path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        with captions_path.open(encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    with captions_path.open(encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def read_captions(captions_path: Path) -> list[CaptionedImage]:
     """Read a CSV (header path,caption[,group]) or JSON-lines captions file, grouped by image.
 
     An optional ``group`` field (several joined by "|") names concepts an image shows, so that
     two images showing the same thing never land in one batch as each other's negatives.
     """
-    rows: list[dict[str, Any]] = []
     try:
-        if captions_path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-            with captions_path.open(encoding="utf-8") as f:
-                rows = [json.loads(line) for line in f if line.strip()]
-        else:
-            with captions_path.open(encoding="utf-8", newline="") as f:
-                rows = list(csv.DictReader(f))
+        rows = read_caption_rows(captions_path)
     except (OSError, ValueError) as err:
         raise TrainingError(f"cannot read captions file {captions_path}: {err}") from err
     captions: dict[str, list[str]] = {}
@@ -181,17 +188,12 @@ def iterate_batches(
 # --------------------------------------------------------------------------- model
 
 
-def is_sentence_model(model_cfg: dict[str, Any]) -> bool:
-    """A config whose text tower is a pretrained sentence encoder (clipsearch.sentence_tower)."""
-    return (model_cfg.get("text_cfg") or {}).get("kind") == "bert-sentence"
-
-
 def create_model_from_config(model_cfg: dict[str, Any], seed: int = 0) -> CLIP:
     """Build a freshly initialised model (open_clip CLIP, or SentenceCLIP) from a config."""
     import torch
     from open_clip.model import CLIP
 
-    if is_sentence_model(model_cfg):
+    if is_sentence_cfg(model_cfg):
         from clipsearch.sentence_tower import create_sentence_clip, load_pretrained_trunk
 
         model = create_sentence_clip(model_cfg, seed)
@@ -206,7 +208,7 @@ def create_model_from_config(model_cfg: dict[str, Any], seed: int = 0) -> CLIP:
 def make_tokenizer(model_cfg: dict[str, Any], model_dir: Path | None = None) -> Any:
     """The tokenizer a config needs: open_clip's BPE, or the sentence encoder's word pieces."""
     context_length = int(model_cfg["text_cfg"].get("context_length", 77))
-    if is_sentence_model(model_cfg):
+    if is_sentence_cfg(model_cfg):
         from clipsearch.sentence_tower import TOKENIZER_FILE_NAME, WordPieceTokenizer
 
         source = model_cfg["text_cfg"].get("tokenizer_file") or (
@@ -225,7 +227,7 @@ def load_checkpoint(checkpoint_dir: Path) -> tuple[CLIP, dict[str, Any]]:
     from open_clip.model import CLIP
 
     config = json.loads((checkpoint_dir / CHECKPOINT_CONFIG_NAME).read_text(encoding="utf-8"))
-    if is_sentence_model(config.get("model_cfg", config)):
+    if is_sentence_cfg(config):
         from clipsearch.sentence_tower import load_sentence_clip
 
         sentence_model, _, _ = load_sentence_clip(checkpoint_dir)
@@ -286,7 +288,7 @@ def save_checkpoint(
     save_file(state, str(weights_tmp))
     weights_tmp.chmod(0o644)
     weights_tmp.replace(checkpoint_dir / CHECKPOINT_WEIGHTS_NAME)
-    if is_sentence_model(model_cfg):
+    if is_sentence_cfg(model_cfg):
         import shutil
 
         from clipsearch.sentence_tower import TOKENIZER_FILE_NAME
@@ -574,8 +576,6 @@ def run_training(
     """Train from a config (from scratch) or a checkpoint (fine-tune), validate every
     `val_every` steps on a labelled folder, save an fp16 checkpoint folder `--model` loads.
     Resumable: the resume file lives in out_dir. Returns (result, final validation metrics)."""
-    import open_clip
-
     from clipsearch.encoder import InMemoryEncoder
 
     if out_dir.exists() and not out_dir.is_dir():
@@ -593,7 +593,7 @@ def run_training(
                                 f"({CHECKPOINT_CONFIG_NAME} missing)")
         model, cfg_json = load_checkpoint(init_checkpoint)
         model_cfg = cfg_json.get("model_cfg", cfg_json)
-        if is_sentence_model(model_cfg):
+        if is_sentence_cfg(model_cfg):
             from clipsearch.sentence_tower import TOKENIZER_FILE_NAME
 
             model_cfg = {**model_cfg, "text_cfg": {
