@@ -14,11 +14,14 @@ import html
 import importlib.util
 import json
 import os
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from clipsearch.weights_cache import cached_arrays, cached_marshal
 
 LAYER_NORM_EPS = 1e-5
 SENTENCE_TEXT_KIND = "bert-sentence"
@@ -53,6 +56,19 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
+def _bpe_tables(vocab_file: str, byte_encoder: dict[int, str],
+                ) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
+    """Token ids and merge ranks from open_clip's vocabulary file."""
+    merges_text = gzip.open(vocab_file).read().decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in merges_text[1 : 49152 - 256 - 2 + 1]]
+    vocab = list(byte_encoder.values())
+    vocab = vocab + [v + "</w>" for v in vocab]
+    vocab.extend("".join(m) for m in merges)
+    vocab.extend(["<start_of_text>", "<end_of_text>"])
+    encoder = {v: i for i, v in enumerate(vocab)}
+    return encoder, {(m[0], m[1]): i for i, m in enumerate(merges)}
+
+
 class BpeTokenizer:
     """open_clip's SimpleTokenizer (clean='lower'), same ids, without torch."""
 
@@ -61,16 +77,11 @@ class BpeTokenizer:
 
         self.context_length = context_length
         self.byte_encoder = _bytes_to_unicode()
-        vocab_file = _open_clip_dir() / "bpe_simple_vocab_16e6.txt.gz"
-        merges_text = gzip.open(vocab_file).read().decode("utf-8").split("\n")
-        merges = [tuple(m.split()) for m in merges_text[1 : 49152 - 256 - 2 + 1]]
-        vocab = list(self.byte_encoder.values())
-        vocab = vocab + [v + "</w>" for v in vocab]
-        vocab.extend("".join(m) for m in merges)
+        vocab_file = str(_open_clip_dir() / "bpe_simple_vocab_16e6.txt.gz")
+        self.encoder, self.bpe_ranks = cached_marshal(
+            vocab_file, f"bpe-py{sys.version_info[0]}{sys.version_info[1]}",
+            lambda: _bpe_tables(vocab_file, self.byte_encoder))
         special = ["<start_of_text>", "<end_of_text>"]
-        vocab.extend(special)
-        self.encoder = {v: i for i, v in enumerate(vocab)}
-        self.bpe_ranks = {m: i for i, m in enumerate(merges)}
         self.cache: dict[str, str] = {t: t for t in special}
         self.pat = regex.compile(
             "|".join(special)
@@ -204,26 +215,38 @@ _MATMUL_WEIGHTS = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weig
                    "mlp.c_proj.weight")
 
 
+_PACK_LAYOUT = "v1"
+"""Bump when the arrays the numpy towers expect change (names, dtypes, transposes)."""
+
+
+def _clip_text_arrays(weights_file: str, prefix: str) -> dict[str, np.ndarray]:
+    """The text tower's arrays from a checkpoint, float32, matmul weights as (in, out)."""
+    from safetensors import safe_open
+
+    w: dict[str, np.ndarray] = {}
+    with safe_open(weights_file, framework="np") as f:
+        keys = set(f.keys())
+        if prefix == "":
+            wanted = [k for k in keys if not k.startswith(("visual.", "logit_"))]
+        else:
+            wanted = [k for k in keys if k.startswith(prefix)
+                      and not k.startswith(prefix + "visual")]
+        for k in wanted:
+            w[k[len(prefix):]] = f.get_tensor(k).astype(np.float32, copy=False)
+    # Weight matrices as (in, out), contiguous: one query's products read them in order
+    # (about 1.6x faster than multiplying by the stored (out, in) transposed view).
+    for k in [k for k in w if k.endswith(_MATMUL_WEIGHTS)]:
+        w[k] = np.ascontiguousarray(w[k].T)
+    return w
+
+
 class NumpyTextEncoder:
     """Encode texts with numpy only; equal to open_clip's encode_text(normalize=True)."""
 
     def __init__(self, weights_file: str, tower: dict[str, Any]) -> None:
-        from safetensors import safe_open
-
         self.tower = tower
-        p = tower["prefix"]
-        self.w: dict[str, np.ndarray] = {}
-        with safe_open(weights_file, framework="np") as f:
-            keys = set(f.keys())
-            wanted = [k for k in keys if k.startswith(p) and not k.startswith(p + "visual")]
-            if p == "":
-                wanted = [k for k in keys if not k.startswith(("visual.", "logit_"))]
-            for k in wanted:
-                self.w[k[len(p):]] = f.get_tensor(k).astype(np.float32, copy=False)
-        # Weight matrices as (in, out), contiguous: one query's products read them in order
-        # (about 1.6x faster than multiplying by the stored (out, in) transposed view).
-        for k in [k for k in self.w if k.endswith(_MATMUL_WEIGHTS)]:
-            self.w[k] = np.ascontiguousarray(self.w[k].T)
+        self.w = cached_arrays(weights_file, f"clip-text-{_PACK_LAYOUT}-{tower['prefix'].strip('.') or 'root'}",
+                               lambda: _clip_text_arrays(weights_file, tower["prefix"]))
         required = ("token_embedding.weight", "positional_embedding", "ln_final.weight")
         if not all(r in self.w for r in required):
             raise KeyError(f"{weights_file}: not a standard CLIP text tower")
@@ -275,20 +298,28 @@ class NumpyTextEncoder:
         return (pooled / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
+def _bert_text_arrays(weights_file: str) -> dict[str, np.ndarray]:
+    """A sentence tower's arrays from a clipsearch.sentence_tower checkpoint, float32."""
+    from safetensors import safe_open
+
+    w: dict[str, np.ndarray] = {}
+    with safe_open(weights_file, framework="np") as f:
+        for k in f.keys():
+            if k.startswith("text."):
+                w[k[len("text."):]] = f.get_tensor(k).astype(np.float32, copy=False)
+    return w
+
+
 class NumpyBertEncoder:
     """A sentence-encoder text tower (clipsearch.sentence_tower) in numpy: word pieces, BERT
     post-LN layers, mean pooling, L2 norm, optional projection; equal to the torch model."""
 
     def __init__(self, weights_file: str, tower: dict[str, Any]) -> None:
-        from safetensors import safe_open
         from tokenizers import Tokenizer
 
         self.tower = tower
-        self.w: dict[str, np.ndarray] = {}
-        with safe_open(weights_file, framework="np") as f:
-            for k in f.keys():
-                if k.startswith("text."):
-                    self.w[k[len("text."):]] = f.get_tensor(k).astype(np.float32, copy=False)
+        self.w = cached_arrays(weights_file, f"bert-text-{_PACK_LAYOUT}",
+                               lambda: _bert_text_arrays(weights_file))
         if "bert.embeddings.word_embeddings.weight" not in self.w:
             raise KeyError(f"{weights_file}: not a sentence-encoder text tower")
         self.context_length = int(tower["context_length"])

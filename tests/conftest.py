@@ -50,9 +50,16 @@ def tiny_encoder(tiny_model: str):  # type: ignore[no-untyped-def]
     return load_encoder(tiny_model, device="cpu")
 
 
+@pytest.fixture(scope="session")
+def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _session_cache: Path) -> None:
     monkeypatch.setenv("CLIPSEARCH_HOME", str(tmp_path / "home"))
+    # Derived-weights cache (entries keyed by source path, size, mtime): shared by the session.
+    monkeypatch.setenv("CLIPSEARCH_CACHE", str(_session_cache))
     for name in ("CLIPSEARCH_DB", "CLIPSEARCH_MODEL", "CLIPSEARCH_DEVICE"):
         monkeypatch.delenv(name, raising=False)
 

@@ -8,7 +8,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -107,19 +106,17 @@ def _kill_and_resume(tmp_path: Path, tiny_model: str, rounds: int, n_photos: int
         proc = subprocess.Popen(_index_cmd(root, db, tiny_model), env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 300
-        answers: list[int] = []
-        searcher: threading.Thread | None = None
-
-        def search_now() -> None:
-            # A search while the index run writes: answers from what is committed.
-            resp = search(resolve_settings(db=db), ["a picture"], SearchOptions(top_k=5))
-            answers.append(len(resp.results))
-
+        searcher: subprocess.Popen[bytes] | None = None
         while proc.poll() is None and (count := _indexed_count(db)) < target:
             assert time.monotonic() < deadline, "index run made no progress"
             if searcher is None and count > before:
-                searcher = threading.Thread(target=search_now)  # polling goes on meanwhile
-                searcher.start()
+                # A search while the index run writes: answers from what is committed. In
+                # its own process: a thread would hold this process's GIL in long C calls
+                # and stall the polling until the run had finished.
+                searcher = subprocess.Popen(
+                    [sys.executable, "-m", "clipsearch.cli", "search", "a picture", "--db",
+                     str(db), "-k", "5", "--paths"], env=env, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE)
             time.sleep(0.01)
         sig = signal.SIGKILL if r % 2 == 0 else signal.SIGINT
         proc.send_signal(sig)
@@ -129,8 +126,9 @@ def _kill_and_resume(tmp_path: Path, tiny_model: str, rounds: int, n_photos: int
                 0, 1, 130, -signal.SIGINT)):
             pytest.fail(f"SIGINT exit {proc.returncode}: {err.decode()[-500:]}")
         if searcher is not None:
-            searcher.join(60)
-            assert answers and 1 <= answers[0] <= 5, answers
+            out, serr = searcher.communicate(timeout=120)
+            assert searcher.returncode == 0, serr.decode()[-500:]
+            assert 1 <= len(out.splitlines()) <= 5, out
             searches_during_runs += 1
         landed = _indexed_count(db)
         mid_run += before < landed < n_photos and proc.returncode != 0
