@@ -477,20 +477,18 @@ class Catalogue:
         self, image_ids: Sequence[int], model_id: int, dim: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """Vectors of those ids that are still indexed: (ids, vectors)."""
+        # The re-rank step of every ANN query: plain SQL on the driver connection (the same
+        # statement through SQLAlchemy Core took 2.3x as long for 200 ids: 3.7 vs 1.6 ms).
         ids: list[int] = []
         blobs: list[bytes] = []
+        images, embeddings = ImageRecord.__tablename__, Embedding.__tablename__
         with self.engine.connect() as conn:
             for chunk in _chunks([int(i) for i in image_ids], 500):
-                stmt = (
-                    select(ImageRecord.id, Embedding.vector)
-                    .join(Embedding, Embedding.content_hash == ImageRecord.content_hash)
-                    .where(
-                        Embedding.model_id == model_id,
-                        ImageRecord.state == STATE_INDEXED,
-                        ImageRecord.id.in_(chunk),
-                    )
-                )
-                for image_id, blob in conn.execute(stmt):
+                sql = (f"SELECT i.id, e.vector FROM {images} AS i JOIN {embeddings} AS e "
+                       f"ON e.content_hash = i.content_hash WHERE e.model_id = ? "
+                       f"AND i.state = ? AND i.id IN ({','.join('?' * len(chunk))})")
+                for image_id, blob in conn.exec_driver_sql(
+                        sql, (int(model_id), STATE_INDEXED, *chunk)):
                     ids.append(image_id)
                     blobs.append(blob)
         vecs = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(ids), dim)
