@@ -124,7 +124,7 @@ def _date(ts: float) -> str:
 
 
 def search_results(resp: SearchResponse, fmt: str, nul: bool = False) -> None:
-    from clipsearch.crawler import display_path
+    from clipsearch.crawler import path_fields
 
     for n in resp.notices:
         notice(n)
@@ -135,7 +135,7 @@ def search_results(resp: SearchResponse, fmt: str, nul: bool = False) -> None:
                     {
                         "rank": r.rank,
                         "score": round(r.score, 6),
-                        "path": display_path(r.path),
+                        **path_fields(r.path),
                         "date": _date(r.date),
                         "format": r.format,
                         "width": r.width,
@@ -218,11 +218,11 @@ def check_report(report: Any) -> None:
 
 
 def classifications(results: Any, as_json: bool) -> None:
-    from clipsearch.crawler import display_path
+    from clipsearch.crawler import path_fields
 
     if as_json:
         for c in results:
-            sys.stdout.write(json.dumps({"path": display_path(c.path), "label": c.label,
+            sys.stdout.write(json.dumps({**path_fields(c.path), "label": c.label,
                                          "confidence": round(c.confidence, 4),
                                          "scores": {k: round(v, 4) for k, v in c.scores.items()}})
                              + "\n")

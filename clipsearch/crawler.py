@@ -221,4 +221,19 @@ def display_path(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-__all__ = ["FileInfo", "ScanProblem", "ScanResult", "scan_directories", "sniff_image_format", "Path"]
+def path_fields(path: str, key: str = "path") -> dict[str, str]:
+    """A path for JSON output. `key` is the printable form; a path that is not valid UTF-8
+    (whose printable form is ambiguous: `\\xff` could be a byte or four characters) also
+    gets `key + "_base64"`, its exact bytes."""
+    raw = os.fsencode(path)
+    try:
+        return {key: raw.decode("utf-8")}
+    except UnicodeDecodeError:
+        import base64
+
+        return {key: raw.decode("utf-8", "backslashreplace"),
+                key + "_base64": base64.b64encode(raw).decode("ascii")}
+
+
+__all__ = ["FileInfo", "ScanProblem", "ScanResult", "display_path", "path_fields",
+           "scan_directories", "sniff_image_format", "Path"]

@@ -89,7 +89,7 @@ class IndexReport:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready summary (paths shown with undecodable bytes escaped)."""
-        from clipsearch.crawler import display_path
+        from clipsearch.crawler import path_fields
 
         return {
             "model": self.model, "scanned": self.scanned, "new": self.new,
@@ -101,7 +101,7 @@ class IndexReport:
             "indexed_total": self.indexed_total, "index_kind": self.index_kind,
             "seconds": round(self.seconds, 3),
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
-            "problems": [{"path": display_path(p.path), "reason": p.reason}
+            "problems": [{**path_fields(p.path), "reason": p.reason}
                          for p in self.problems],
         }
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from clipsearch.catalogue.store import Catalogue
 from clipsearch.config import Settings
-from clipsearch.crawler import display_path
+from clipsearch.crawler import display_path, path_fields
 from clipsearch.vector_index import id_digest, load_index
 
 
@@ -38,7 +38,7 @@ def catalogue_status(settings: Settings) -> dict[str, Any]:
             },
             "roots": [display_path(r) for r in cat.roots()],
             "failures": [
-                {"path": display_path(p), "reason": r, "attempts": a}
+                {**path_fields(p), "reason": r, "attempts": a}
                 for p, r, a in cat.failures()
             ],
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -169,3 +170,25 @@ def test_similar_of_a_folder_and_classify_of_a_bad_file_name_the_path(
                                    "--json", *db])
     assert res.exit_code == 1
     assert str(bad) in res.output and str(good) in res.output  # the good one still classified
+
+
+def test_json_paths_are_exact_for_names_that_are_not_utf8(tmp_path: Path, make_image,  # type: ignore[no-untyped-def]
+                                                          tiny_model: str) -> None:
+    import base64
+
+    folder = tmp_path / "photos"
+    make_image("plain.png", seed=1)
+    odd = make_image("odd.png", seed=2)
+    raw = os.fsencode(folder) + b"/caf\xe9.png"  # Latin-1 bytes: not UTF-8
+    os.rename(odd, raw)
+    literal = make_image("caf\\xe9.png", seed=3)  # the four characters \ x e 9
+    db = tmp_path / "j.sqlite3"
+    res = runner.invoke(app, ["index", str(folder), "--db", str(db), "--model", tiny_model, "-q"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["search", "x", "--db", str(db), "--json", "-k", "10"])
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    exact = {base64.b64decode(r["path_base64"]) if "path_base64" in r else os.fsencode(r["path"])
+             for r in rows}
+    assert exact == {raw, os.fsencode(literal), os.fsencode(folder / "plain.png")}
+    # The printable forms collide; only the non-UTF-8 one carries its bytes.
+    assert sum("path_base64" in r for r in rows) == 1
