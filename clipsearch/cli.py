@@ -52,7 +52,8 @@ DeviceOpt = Annotated[
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Tracebacks for bugs")]
 
 
-def _run(fn: Any, verbose: bool) -> Any:
+def _run(fn: Any, verbose: bool,
+         interrupted: str = "interrupted; nothing was changed") -> Any:
     from clipsearch import console
     from clipsearch.errors import ClipsearchError
 
@@ -62,7 +63,7 @@ def _run(fn: Any, verbose: bool) -> Any:
         console.error(err.message, err.hint)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        console.error("interrupted; finished batches are saved, the next run resumes")
+        console.error(interrupted)
         raise typer.Exit(130) from None
     except Exception as err:  # noqa: BLE001 - last resort: one line unless --verbose
         if verbose:
@@ -118,13 +119,18 @@ def index(
                 on_model=lambda m: console.notice(f"model {m}; catalogue {settings.db_path}"),
             )
 
-    report = _run(go, verbose)
+    report = _run(go, verbose, "interrupted; finished batches are saved, the next run resumes")
     if as_json:
         import json
 
         sys.stdout.write(json.dumps(report.as_dict()) + "\n")
     if not (as_json and quiet):
         console.index_summary(report)
+    if report.failed_total and not (report.encoded or report.reused):
+        # The whole command failed: every file it tried to index could not be (reasons above).
+        console.error(f"none of the {report.failed_total} files this run tried could be "
+                      "indexed", "`clipsearch status` lists each file with its reason")
+        raise typer.Exit(1)
 
 
 def _search_opts(top: int, folder: Path | None, since: str | None, until: str | None,
@@ -381,7 +387,8 @@ def train(
         except TrainingError as err:
             raise UsageError(str(err)) from err
 
-    result, metrics = _run(go, verbose)
+    result, metrics = _run(go, verbose, f"interrupted; {out} keeps the last resume point "
+                           "written (if any): run the same command again to continue")
     console.notice(f"wrote {out} after {result.steps} steps (final loss {result.final_loss:.4f}); "
                    f"use it with --model {out}")
 
@@ -396,7 +403,9 @@ def check(
     from clipsearch import console
     from clipsearch.doctor import check_catalogue
 
-    report = _run(lambda: check_catalogue(_settings(db), repair=repair), verbose)
+    report = _run(lambda: check_catalogue(_settings(db), repair=repair), verbose,
+                  "interrupted; repairs already made are kept: run check --repair again"
+                  if repair else "interrupted; nothing was changed")
     console.check_report(report)
     if not report.ok:
         raise typer.Exit(1)

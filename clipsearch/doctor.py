@@ -137,7 +137,10 @@ def _check(settings: Settings, report: CheckReport, repair: bool) -> None:
         index_bad = False
         if vi is None:
             index_bad = True
-            report.problems.append(f"index {settings.index_path} is missing or damaged")
+            report.problems.append(
+                f"index {settings.index_path} is damaged" if settings.index_path.exists()
+                else f"index {settings.index_path} is not built yet (the next search or "
+                "index run builds it)")
         elif vi.model_key != model.key:
             index_bad = True
             report.problems.append(f"index was built with another model ({vi.model_key})")

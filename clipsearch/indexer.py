@@ -224,6 +224,12 @@ def run_index(
     started = time.perf_counter()
     factory = encoder_factory or (lambda spec: load_encoder(spec, settings.device))
     report = IndexReport()
+    if roots and not any(os.path.exists(r) for r in roots):
+        from clipsearch.crawler import display_path
+
+        # Before the catalogue is opened: a mistyped folder must not create an empty one.
+        raise ClipsearchError("nothing to index: " + "; ".join(
+            f"{display_path(os.path.abspath(r))}: not found" for r in roots))
     catalogue = Catalogue(settings.db_path, create=True)
     try:
         if catalogue.readonly:

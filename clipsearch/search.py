@@ -127,7 +127,11 @@ def parse_query(parts: Sequence[str]) -> list[QueryTerm]:
         close()
     if not terms:
         raise UsageError("empty query: give words to search for, or an image path")
-    if all(t.weight <= 0 for t in terms):
+    zero = [t for t in terms if t.weight == 0]
+    if zero:
+        raise UsageError(f"{zero[0].text or zero[0].image_path!r} has weight 0, which would "
+                         "ignore it: use a positive weight, or a negative one to avoid it")
+    if all(t.weight < 0 for t in terms):
         raise UsageError("the query has only negative terms: add something to look for")
     return terms
 

@@ -192,3 +192,48 @@ def test_json_paths_are_exact_for_names_that_are_not_utf8(tmp_path: Path, make_i
     assert exact == {raw, os.fsencode(literal), os.fsencode(folder / "plain.png")}
     # The printable forms collide; only the non-UTF-8 one carries its bytes.
     assert sum("path_base64" in r for r in rows) == 1
+
+
+def test_index_of_a_missing_folder_creates_no_catalogue(tmp_path: Path) -> None:
+    db = tmp_path / "new" / "c.sqlite3"
+    res = runner.invoke(app, ["index", str(tmp_path / "nope"), "--db", str(db)])
+    assert res.exit_code == 1
+    assert "nope: not found" in res.stderr
+    assert not db.exists() and not db.parent.exists()
+
+
+def test_a_run_where_every_file_fails_exits_non_zero(tmp_path: Path, tiny_model: str) -> None:
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.jpg").write_bytes(b"\xff\xd8\xff" + b"junk" * i)
+    db = tmp_path / "c.sqlite3"
+    res = runner.invoke(app, ["index", str(folder), "--db", str(db), "--model", tiny_model, "-q"])
+    assert res.exit_code == 1, res.output
+    assert "none of the 3 files" in res.stderr
+    # With one good file among them the run succeeded (the bad ones are reported).
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), "red").save(folder / "ok.png")
+    res = runner.invoke(app, ["index", str(folder), "--db", str(db), "--model", tiny_model, "-q"])
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("query, message", [("0:cat", "weight 0"), ("-cat", "only negative"),
+                                            ("dog 0:cat", "weight 0")])
+def test_weights_that_cannot_work_are_usage_errors(indexed_db: Path, query: str,
+                                                   message: str) -> None:
+    res = runner.invoke(app, ["search", "--db", str(indexed_db), "--", query])
+    assert res.exit_code != 0 and message in res.stderr, res.output
+
+
+def test_interrupt_messages_say_what_happened_per_command(monkeypatch, indexed_db: Path) -> None:  # type: ignore[no-untyped-def]
+    from clipsearch import search as search_mod
+
+    def stop(*_a: object, **_k: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(search_mod, "search", stop)
+    res = runner.invoke(app, ["search", "cat", "--db", str(indexed_db)])
+    assert res.exit_code == 130
+    assert "nothing was changed" in res.stderr and "batches" not in res.stderr

@@ -28,7 +28,7 @@ def test_vanished_file_and_damaged_index_are_found_and_repaired(settings, make_i
     report = check_catalogue(settings)
     assert not report.ok
     assert any("no longer exist" in p for p in report.problems)
-    assert any("missing or damaged" in p for p in report.problems)
+    assert any("is damaged" in p for p in report.problems)
     fixed = check_catalogue(settings, repair=True)
     assert fixed.repaired
     again = check_catalogue(settings)
@@ -125,3 +125,12 @@ def test_id_digests_of_catalogue_and_index_agree(settings, make_image, tmp_path:
         assert model is not None
         assert cat.indexed_id_digest(model.id) == id_digest(cat.indexed_ids(model.id))
         assert cat.indexed_id_digest(model.id) == id_digest(load_index(settings.index_path).ids)  # type: ignore[union-attr]
+
+
+def test_an_index_not_built_yet_is_called_that(settings, make_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    make_image("a.png")
+    run_index(settings, [str(tmp_path / "photos")])
+    settings.index_path.unlink()  # as after a first run killed before its index was written
+    report = check_catalogue(settings)
+    assert any("not built yet" in p for p in report.problems), report.problems
+    assert not any("damaged" in p for p in report.problems)
