@@ -31,7 +31,7 @@ SEARCH_VERIFY_IDS_MAX_IMAGES = 200_000
 """Searches re-check the index's id set against the catalogue up to this size (a full scan,
 ~0.2 s at 200k); above it they trust the change counter, and `index`, `status` and `check`
 still compare the ids every time."""
-from clipsearch.vector_index import candidate_count, search_index
+from clipsearch.vector_index import candidate_count, search_index, to_gpu, wants_gpu
 
 EncoderFactory = Callable[[str | None], Encoder]
 _WEIGHT = re.compile(r"^(\d+(?:\.\d+)?):(.*)$")
@@ -232,6 +232,12 @@ class _Session:
         return self._index
 
     def _load_index(self):  # type: ignore[no-untyped-def]
+        vi = self._load_cpu_index()
+        if vi is not None and wants_gpu(self.settings.device):
+            to_gpu(vi)  # stays on the CPU where faiss cannot move it
+        return vi
+
+    def _load_cpu_index(self):  # type: ignore[no-untyped-def]
         write = not self.catalogue.readonly
         if write:
             try:
