@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "clipsearch-bench")
     args = ap.parse_args()
     common = ["--data", str(args.data)] + (["--no-rclip"] if args.no_rclip else [])
-    indexing = [sys.executable, str(HERE / "bench_indexing.py"), *common, "--photos", "100"]
+    indexing = [sys.executable, str(HERE / "bench_indexing.py"), *common, "--photos", "200"]
     query = [sys.executable, str(HERE / "bench_query.py"), *common]
     if args.quick:
         indexing = indexing[:-2] + ["--photos", "50", "--small", "50", "--rerun-files", "2000",
