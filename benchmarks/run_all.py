@@ -1,7 +1,7 @@
 """The whole benchmark suite in one command: indexing (vs rclip), then queries (vs numpy and
-rclip) at 10k / 100k / 1M images. Measured here (2 cores, run as its two parts): about 34
-minutes the first time (test images, the ONNX export for rclip and the 1M collection are made
-once, then reused from --data), about 25 minutes after that (estimated). See benchmarks/RESULTS.md.
+rclip) at 10k / 100k / 1M images. Measured here (2 cores, 2026-12-04): 19.6 minutes, including
+the rclip venv install, its ONNX export and the 1M collection; the 200 test photos (4 minutes)
+and the 10k/100k collections (about 1 minute) already existed. See benchmarks/RESULTS.md.
 
 Usage: python benchmarks/run_all.py [--quick] [--data DIR] [--no-rclip]
 --quick: 50 photos, 50 small images, 2k re-run files, 2 repeats; 10k and 100k vectors only.
