@@ -248,11 +248,12 @@ def run_index(
             if on_model is not None:
                 on_model(report.model)
             assert model_id is not None
-            _index_roots(catalogue, lazy, model_id, info, roots, options, report, progress,
-                         settings)
+            digest = _index_roots(catalogue, lazy, model_id, info, roots, options, report,
+                                  progress, settings)
             t0 = time.perf_counter()
             report.index_kind, report.indexed_total = refresh_index(
-                catalogue, settings, info, model_id, kind=options.index_kind, write=True
+                catalogue, settings, info, model_id, kind=options.index_kind, write=True,
+                known_digest=digest,
             )
             report.stage_seconds["index"] += time.perf_counter() - t0
     except KeyboardInterrupt:
@@ -274,7 +275,9 @@ def _index_roots(
     report: IndexReport,
     progress: ProgressFn | None,
     settings: Settings,
-) -> None:
+) -> tuple[int, int, int] | None:
+    """Sync the catalogue with the files under roots. Returns the catalogue's indexed-id
+    digest when this run wrote nothing (so the index refresh need not scan for it again)."""
     abs_roots = [os.path.abspath(r) for r in roots]
     t0 = time.perf_counter()
     scan = scan_directories(abs_roots, options.include_hidden, options.include_system)
@@ -288,7 +291,7 @@ def _index_roots(
     catalogue.add_roots(valid_roots)
     stored = catalogue.files_under(valid_roots)
     report.scanned = len(scan.files)
-    lost = _ids_without_vector(catalogue, model_id, stored)
+    lost, digest = _ids_without_vector(catalogue, model_id, stored)
     todo: list[tuple[FileInfo, bool]] = []  # (file, is_change)
     seen: set[str] = set()
     for f in scan.files:
@@ -310,24 +313,26 @@ def _index_roots(
     catalogue.mark_missing([old.image_id for old in gone_rows])
     report.missing = len(gone_rows)
     if not todo:
-        return
+        return digest if not gone_rows else None
     # Content that left its old path this run: a new path holding it was moved or renamed.
     gone_hashes = Counter(old.content_hash for old in gone_rows
                           if old.content_hash and old.state == STATE_INDEXED)
     attempts = {p: s.attempts for p, s in stored.items()}
     _process(catalogue, lazy, model_id, todo, attempts, gone_hashes, report, progress,
              settings)
+    return None
 
 
-def _ids_without_vector(catalogue: Catalogue, model_id: int,
-                        stored: dict[str, StoredFile]) -> set[int]:
-    """Rows marked indexed whose vector is gone (two aggregate queries when there are none)."""
-    if catalogue.count_by_state().get(STATE_INDEXED, 0) == catalogue.indexed_id_digest(
-            model_id)[0]:
-        return set()
+def _ids_without_vector(catalogue: Catalogue, model_id: int, stored: dict[str, StoredFile]
+                        ) -> tuple[set[int], tuple[int, int, int]]:
+    """Rows marked indexed whose vector is gone (two aggregate queries when there are none),
+    and the indexed-id digest computed on the way."""
+    digest = catalogue.indexed_id_digest(model_id)
+    if catalogue.count_by_state().get(STATE_INDEXED, 0) == digest[0]:
+        return set(), digest
     with_vector = set(catalogue.indexed_ids(model_id).tolist())
     return {s.image_id for s in stored.values()
-            if s.state == STATE_INDEXED and s.image_id not in with_vector}
+            if s.state == STATE_INDEXED and s.image_id not in with_vector}, digest
 
 
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
@@ -637,15 +642,18 @@ def refresh_index(
     model_id: int,
     kind: str = "auto",
     write: bool = True,
+    known_digest: tuple[int, int, int] | None = None,
 ) -> tuple[str, int]:
-    """Bring the FAISS file up to date with the catalogue. Returns (kind, count)."""
+    """Bring the FAISS file up to date with the catalogue. Returns (kind, count).
+    `known_digest`: the catalogue's indexed-id digest, if the caller has it current."""
     header = read_index_header(settings.index_path)
     if (
         header is not None
         and header.get("model_key") == info.key
         and header.get("generation") == catalogue.generation()
         and kind in ("auto", header.get("kind"))
-        and tuple(header.get("id_digest") or ()) == catalogue.indexed_id_digest(model_id)
+        and tuple(header.get("id_digest") or ()) == (
+            known_digest or catalogue.indexed_id_digest(model_id))
     ):
         return str(header["kind"]), int(header["count"])
     vi = ensure_index(catalogue, settings, info, model_id, kind=kind, write=write)

@@ -487,3 +487,27 @@ def test_disk_full_while_writing_the_index_file_is_a_clear_error_and_keeps_the_c
     monkeypatch.undo()
     again = run_index(settings, [str(tmp_path / "photos")])
     assert again.unchanged == 3 and settings.index_path.exists()
+
+
+def test_an_unchanged_rerun_scans_for_the_id_digest_once(settings, make_image, tmp_path,  # type: ignore[no-untyped-def]
+                                                         monkeypatch) -> None:
+    from clipsearch.catalogue.store import Catalogue
+
+    for i in range(3):
+        make_image(f"{i}.png", seed=i)
+    run_index(settings, [str(tmp_path / "photos")])
+    calls = []
+    real = Catalogue.indexed_id_digest
+
+    def counted(self, model_id):  # type: ignore[no-untyped-def]
+        calls.append(model_id)
+        return real(self, model_id)
+
+    monkeypatch.setattr(Catalogue, "indexed_id_digest", counted)
+    report = run_index(settings, [str(tmp_path / "photos")])
+    assert report.unchanged == 3 and report.encoded == 0
+    assert len(calls) == 1  # a full scan of the catalogue at 1M images (~0.9 s)
+    (tmp_path / "photos" / "0.png").unlink()
+    calls.clear()
+    report = run_index(settings, [str(tmp_path / "photos")])
+    assert report.missing == 1 and report.indexed_total == 2  # a write: the digest is re-read
