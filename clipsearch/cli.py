@@ -16,6 +16,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: "[env: ...]" must not be read as markup
 )
 
 def _show_version(value: bool) -> None:
@@ -104,6 +105,7 @@ def index(
 ) -> None:
     """Build or update the catalogue with every image under FOLDERS."""
     from clipsearch import console
+    from clipsearch.crawler import display_path
     from clipsearch.indexer import IndexOptions, run_index
 
     settings = _settings(db, model, device, batch_size, workers)
@@ -116,7 +118,8 @@ def index(
                 [str(f) for f in folders],
                 opts,
                 progress=progress,
-                on_model=lambda m: console.notice(f"model {m}; catalogue {settings.db_path}"),
+                on_model=lambda m: console.notice(
+                    f"model {m}; catalogue {display_path(str(settings.db_path))}"),
             )
 
     report = _run(go, verbose, "interrupted; finished batches are saved, the next run resumes")
@@ -256,7 +259,8 @@ def similar(
 
 @app.command()
 def status(
-    as_json: JsonOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="The whole report as one JSON "
+                                          "object")] = False,
     db: DbOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:

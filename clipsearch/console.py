@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -18,7 +19,9 @@ if TYPE_CHECKING:
     from clipsearch.search import SearchResponse
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)
+# Piped or redirected tables keep whole lines (rich would otherwise fold them at 80 columns).
+out = Console(highlight=False, soft_wrap=True,
+              width=None if sys.stdout.isatty() else 10_000)
 
 
 def shown(path: str) -> str:
@@ -116,9 +119,9 @@ def index_summary(report: IndexReport) -> None:
     )
 
 
-def _date(ts: float) -> str:
+def _date(ts: float, with_time: bool = True) -> str:
     try:
-        return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
+        return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M" if with_time else "%Y-%m-%d")
     except (OverflowError, OSError, ValueError):
         return "?"
 
@@ -158,14 +161,30 @@ def search_results(resp: SearchResponse, fmt: str, nul: bool = False) -> None:
     if not resp.results:
         err.print("no results")
         return
-    table = Table()
-    table.add_column("#", justify="right")
-    table.add_column("score", justify="right")
-    table.add_column("path", overflow="fold")
-    table.add_column("date")
+    # Narrow terminals: lighter borders, dates without times and paths under the current
+    # folder shown relative to it, so that paths fold less often.
+    narrow = out.width < 120
+    table = Table(box=box.SIMPLE_HEAD if narrow else box.HEAVY_HEAD)
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("score", justify="right", no_wrap=True)
+    table.add_column("path", overflow="fold", ratio=1)
+    table.add_column("date", no_wrap=True)
     for r in resp.results:
-        table.add_row(str(r.rank), f"{r.score:.3f}", shown(r.path), _date(r.date))
+        path = _relative_if_under_cwd(r.path) if narrow else r.path
+        table.add_row(str(r.rank), f"{r.score:.3f}", shown(path), _date(r.date, not narrow))
     out.print(table)
+
+
+def _relative_if_under_cwd(path: str) -> str:
+    import os
+
+    try:
+        cwd = os.getcwd()
+    except OSError:
+        return path
+    if path.startswith(cwd.rstrip(os.sep) + os.sep):
+        return os.path.relpath(path, cwd)
+    return path
 
 
 def status_report(data: dict[str, Any], as_json: bool) -> None:
@@ -184,7 +203,7 @@ def status_report(data: dict[str, Any], as_json: bool) -> None:
         table.add_row(state, str(n))
     table.add_row("index", f"{data['index']['kind']} ({data['index']['count']} vectors, "
                            f"{'fresh' if data['index']['fresh'] else 'stale: rebuilt on next use'})")
-    table.add_row("roots", escape(", ".join(data["roots"]) or "none"))
+    table.add_row("roots", escape(", ".join(r["path"] for r in data["roots"]) or "none"))
     out.print(table)
     if data["failures"]:
         ft = Table(title="failures")

@@ -157,7 +157,8 @@ def _check(settings: Settings, report: CheckReport, repair: bool) -> None:
         with WriterLock(settings.lock_path):
             if vanished:
                 cat.mark_missing(vanished)
-                report.repaired.append(f"marked {len(vanished)} vanished files missing")
+                report.repaired.append(f"marked {len(vanished)} vanished file"
+                                       f"{'' if len(vanished) == 1 else 's'} missing")
             if without_vector:
                 cat.mark_pending(without_vector)
                 report.repaired.append(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -21,6 +22,7 @@ from clipsearch.errors import (
     CatalogueError,
     ClipsearchError,
     ImageError,
+    ModelError,
     ModelMismatchError,
     UsageError,
 )
@@ -34,6 +36,8 @@ still compare the ids every time."""
 from clipsearch.vector_index import candidate_count, search_index, to_gpu, wants_gpu
 
 EncoderFactory = Callable[[str | None], Encoder]
+MIN_TERM_WEIGHT = 1e-6
+"""Smaller weights are read as 0 (the term would have no effect): a usage error."""
 _WEIGHT = re.compile(r"^(\d+(?:\.\d+)?):(.*)$")
 
 
@@ -119,6 +123,8 @@ def parse_query(parts: Sequence[str]) -> list[QueryTerm]:
                 weight = sign or 1.0
                 if m:
                     weight *= float(m.group(1))
+                    if not math.isfinite(weight):
+                        raise UsageError(f"weight {m.group(1)[:20]}... is too large to use")
                     word = m.group(2)
                 if word:
                     current.append(word)
@@ -127,9 +133,9 @@ def parse_query(parts: Sequence[str]) -> list[QueryTerm]:
         close()
     if not terms:
         raise UsageError("empty query: give words to search for, or an image path")
-    zero = [t for t in terms if t.weight == 0]
+    zero = [t for t in terms if abs(t.weight) < MIN_TERM_WEIGHT]
     if zero:
-        raise UsageError(f"{zero[0].text or zero[0].image_path!r} has weight 0, which would "
+        raise UsageError(f"{zero[0].text or zero[0].image_path!r} has weight {zero[0].weight:g}, which would "
                          "ignore it: use a positive weight, or a negative one to avoid it")
     if all(t.weight < 0 for t in terms):
         raise UsageError("the query has only negative terms: add something to look for")
@@ -258,6 +264,15 @@ class _Session:
                 vec = self.catalogue.vector_for_path(abspath, self.model_id)
                 if vec is not None:
                     return vec
+        from clipsearch.crawler import sniff_image_format
+
+        try:
+            with open(abspath, "rb") as fh:
+                head = fh.read(64)
+        except OSError as err:
+            raise UsageError(f"{path}: cannot read: {err.strerror or err}") from err
+        if sniff_image_format(head) is None:  # before loading the image model (seconds)
+            raise UsageError(f"{path}: not an image (unrecognised content)")
         enc = self.encoder()
         try:
             decoded = decode_file(abspath, enc.image_size)
@@ -288,6 +303,9 @@ def _query_vector(session: _Session, terms: list[QueryTerm], notices: list[str])
     for t in terms:
         if t.image_path is not None:
             total += t.weight * session.image_vector(t.image_path, notices)
+    if not np.isfinite(total).all():
+        raise ModelError(f"model {session.info.spec} gave a non-finite query vector: its "
+                         "weights look damaged", hint="re-download or restore the model file")
     norm = float(np.linalg.norm(total))
     if norm < 1e-9:
         raise UsageError("the query terms cancel out: nothing left to search for")

@@ -6,7 +6,7 @@ from typing import Any
 
 from clipsearch.catalogue.store import Catalogue
 from clipsearch.config import Settings
-from clipsearch.crawler import display_path, path_fields
+from clipsearch.crawler import path_fields
 from clipsearch.vector_index import id_digest, load_index
 
 
@@ -17,7 +17,7 @@ def catalogue_status(settings: Settings) -> dict[str, Any]:
         vi = load_index(settings.index_path)
         generation = cat.generation()
         return {
-            "catalogue": str(settings.db_path),
+            **path_fields(str(settings.db_path), "catalogue"),
             "model": None if model is None else {
                 "spec": model.spec,
                 "key": model.key,
@@ -29,14 +29,14 @@ def catalogue_status(settings: Settings) -> dict[str, Any]:
             },
             "counts": cat.count_by_state(),
             "index": {
-                "path": str(settings.index_path),
+                **path_fields(str(settings.index_path)),
                 "kind": vi.kind if vi else "none",
                 "count": vi.count if vi else 0,
                 "fresh": bool(vi and model and vi.model_key == model.key
                               and vi.generation == generation
                               and id_digest(vi.ids) == cat.indexed_id_digest(model.id)),
             },
-            "roots": [display_path(r) for r in cat.roots()],
+            "roots": [path_fields(r) for r in cat.roots()],
             "failures": [
                 {**path_fields(p), "reason": r, "attempts": a}
                 for p, r, a in cat.failures()

@@ -215,6 +215,18 @@ _MATMUL_WEIGHTS = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weig
                    "mlp.c_proj.weight")
 
 
+def _finite_or_refreshed(encoder: Any, texts: list[str]) -> np.ndarray:
+    """Encode; if the vectors are not finite, the cached arrays are suspect (a damaged cache
+    file): rebuild them from the model's own weights file once and encode again."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out: np.ndarray = encoder._encode(texts)
+    if not np.isfinite(out).all():
+        encoder.w = encoder._arrays(refresh=True)
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = encoder._encode(texts)
+    return out
+
+
 _PACK_LAYOUT = "v1"
 """Bump when the arrays the numpy towers expect change (names, dtypes, transposes)."""
 
@@ -245,8 +257,11 @@ class NumpyTextEncoder:
 
     def __init__(self, weights_file: str, tower: dict[str, Any]) -> None:
         self.tower = tower
-        self.w = cached_arrays(weights_file, f"clip-text-{_PACK_LAYOUT}-{tower['prefix'].strip('.') or 'root'}",
-                               lambda: _clip_text_arrays(weights_file, tower["prefix"]))
+        kind = f"clip-text-{_PACK_LAYOUT}-{tower['prefix'].strip('.') or 'root'}"
+        self._arrays = lambda refresh=False: cached_arrays(  # noqa: E731
+            weights_file, kind, lambda: _clip_text_arrays(weights_file, tower["prefix"]),
+            refresh)
+        self.w = self._arrays()
         required = ("token_embedding.weight", "positional_embedding", "ln_final.weight")
         if not all(r in self.w for r in required):
             raise KeyError(f"{weights_file}: not a standard CLIP text tower")
@@ -257,6 +272,9 @@ class NumpyTextEncoder:
         return len(self.tokenizer.encode(text)) + 2
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
+        return _finite_or_refreshed(self, texts)
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
         w = self.w
         tokens = self.tokenizer(texts)
         # The causal mask means no position sees a later one: positions after the last
@@ -318,8 +336,10 @@ class NumpyBertEncoder:
         from tokenizers import Tokenizer
 
         self.tower = tower
-        self.w = cached_arrays(weights_file, f"bert-text-{_PACK_LAYOUT}",
-                               lambda: _bert_text_arrays(weights_file))
+        self._arrays = lambda refresh=False: cached_arrays(  # noqa: E731
+            weights_file, f"bert-text-{_PACK_LAYOUT}", lambda: _bert_text_arrays(weights_file),
+            refresh)
+        self.w = self._arrays()
         if "bert.embeddings.word_embeddings.weight" not in self.w:
             raise KeyError(f"{weights_file}: not a sentence-encoder text tower")
         self.context_length = int(tower["context_length"])
@@ -331,6 +351,9 @@ class NumpyBertEncoder:
         return len(self._tok.encode(text, add_special_tokens=False).ids) + 2
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
+        return _finite_or_refreshed(self, texts)
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
         w, eps, heads = self.w, self.tower["eps"], self.tower["heads"]
         encodings = self._tok.encode_batch(list(texts))
         n = max(len(e.ids) for e in encodings)

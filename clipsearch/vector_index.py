@@ -112,7 +112,10 @@ def build_index(
     n, dim = vectors.shape
     if kind == "auto":
         kind = choose_kind(n)
-    if kind == KIND_IVFPQ and n < IVF_MIN_POINTS_PER_LIST * 4:
+    gpu = gpu_count() > 0
+    # Too few vectors to train the PQ codebooks (FAISS wants 39 points per centroid: 16 per
+    # 4-bit sub-quantizer, 256 per 8-bit one) or the lists: exact search instead.
+    if kind == KIND_IVFPQ and n < IVF_MIN_POINTS_PER_LIST * (256 if gpu else 16):
         kind = KIND_FLAT
     nprobe = 1
     if kind == KIND_FLAT:
@@ -120,7 +123,7 @@ def build_index(
     else:
         nlist, m, nprobe = ivfpq_params(n, dim)
         quantizer = faiss.IndexFlatIP(dim)
-        if gpu_count() > 0:
+        if gpu:
             # Classic 8-bit codes: the layout faiss can train and search on a GPU.
             index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
         else:

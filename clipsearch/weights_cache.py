@@ -97,12 +97,13 @@ def read_pack(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def cached_arrays(source: str, kind: str,
-                  build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def cached_arrays(source: str, kind: str, build: Callable[[], dict[str, np.ndarray]],
+                  refresh: bool = False) -> dict[str, np.ndarray]:
     """`build()`'s arrays, memory-mapped from the cache when an entry for source exists;
-    otherwise built and (best effort) stored for the next process."""
+    otherwise (or with `refresh`: the entry is suspect) built and, best effort, stored for
+    the next process."""
     path = entry_path(source, kind, ".pack")
-    if path is not None and path.exists():
+    if path is not None and path.exists() and not refresh:
         try:
             return read_pack(path)
         except (OSError, ValueError, KeyError, TypeError):

@@ -192,6 +192,13 @@ def test_json_paths_are_exact_for_names_that_are_not_utf8(tmp_path: Path, make_i
     assert exact == {raw, os.fsencode(literal), os.fsencode(folder / "plain.png")}
     # The printable forms collide; only the non-UTF-8 one carries its bytes.
     assert sum("path_base64" in r for r in rows) == 1
+    status = json.loads(runner.invoke(app, ["status", "--db", str(db), "--json"]).stdout)
+    assert status["roots"] == [{"path": str(folder)}]
+    bad_root = os.fsencode(tmp_path) + b"/r\xff"
+    os.rename(folder, bad_root)
+    runner.invoke(app, ["index", os.fsdecode(bad_root), "--db", str(db), "-q"])
+    status = json.loads(runner.invoke(app, ["status", "--db", str(db), "--json"]).stdout)
+    assert base64.b64decode(status["roots"][-1]["path_base64"]) == bad_root
 
 
 def test_index_of_a_missing_folder_creates_no_catalogue(tmp_path: Path) -> None:
@@ -237,3 +244,40 @@ def test_interrupt_messages_say_what_happened_per_command(monkeypatch, indexed_d
     res = runner.invoke(app, ["search", "cat", "--db", str(indexed_db)])
     assert res.exit_code == 130
     assert "nothing was changed" in res.stderr and "batches" not in res.stderr
+
+
+@pytest.mark.parametrize("query, message", [("9" * 400 + ":cat", "too large"),
+                                            ("0.0000001:cat", "which would ignore it")])
+def test_weights_out_of_range_are_usage_errors(indexed_db: Path, query: str, message: str) -> None:
+    res = runner.invoke(app, ["search", "--db", str(indexed_db), "--", query])
+    assert res.exit_code == 1 and message in res.stderr, res.output
+
+
+def test_similar_on_a_file_that_is_not_an_image_fails_before_loading_the_model(  # type: ignore[no-untyped-def]
+        indexed_db: Path, tmp_path: Path, monkeypatch) -> None:
+    from clipsearch import search as search_mod
+
+    def no_model(self):  # type: ignore[no-untyped-def]
+        raise AssertionError("the image model was loaded")
+
+    monkeypatch.setattr(search_mod._Session, "encoder", no_model)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    res = runner.invoke(app, ["similar", str(text), "--db", str(indexed_db)])
+    assert res.exit_code == 1 and "not an image" in res.stderr, res.output
+
+
+def test_help_shows_environment_variables_and_defaults() -> None:
+    res = runner.invoke(app, ["search", "--help"], env={"COLUMNS": "200"})
+    assert "[env: CLIPSEARCH_DB;" in res.stdout and "[default: 10]" in res.stdout
+
+
+def test_piped_tables_do_not_fold_paths(tmp_path: Path, make_image, tiny_model: str) -> None:  # type: ignore[no-untyped-def]
+    deep = "a-rather-long-folder-name/" * 4
+    make_image(deep + "picture-with-a-long-name.png")
+    db = tmp_path / "t.sqlite3"
+    runner.invoke(app, ["index", str(tmp_path / "photos"), "--db", str(db), "--model", tiny_model,
+                        "-q"])
+    res = runner.invoke(app, ["search", "x", "--db", str(db)])
+    assert res.exit_code == 0
+    assert str(tmp_path / "photos" / deep / "picture-with-a-long-name.png") in res.stdout

@@ -100,3 +100,21 @@ def test_bpe_tables_from_the_cache_tokenize_the_same(tmp_path: Path,
     cached = BpeTokenizer(77)
     assert cached.bpe_ranks == built.bpe_ranks and cached.encoder == built.encoder
     np.testing.assert_array_equal(cached(TEXTS), built(TEXTS))
+
+
+def test_a_pack_whose_numbers_are_damaged_is_rebuilt_from_the_model(  # type: ignore[no-untyped-def]
+        tiny_encoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLIPSEARCH_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "w.safetensors"
+    shutil.copy(tiny_encoder.weights_file, weights)
+    good = NumpyTextEncoder(str(weights), tiny_encoder.text_tower).encode_texts(TEXTS)
+    pack = next((tmp_path / "cache").glob("clip-*.pack"))
+    data = bytearray(pack.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 200_000] = b"\x7f" * 200_000  # huge floats / NaN
+    pack.write_bytes(bytes(data))
+    enc = NumpyTextEncoder(str(weights), tiny_encoder.text_tower)  # maps the damaged pack
+    got = enc.encode_texts(TEXTS)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, good, atol=1e-6)
+    assert np.isfinite(NumpyTextEncoder(str(weights), tiny_encoder.text_tower)
+                       .encode_texts(TEXTS)).all()  # the entry was rewritten whole
