@@ -105,6 +105,9 @@ def index_summary(report: IndexReport) -> None:
         rows.insert(1, ("retried (failed before)", report.retried))
     if report.changing:
         rows.append(("changing while read (next run)", report.changing))
+    if report.still_failed:
+        rows.insert(rows.index(("unchanged", report.unchanged)) + 1,
+                    ("  of which failed before (--retry-failed)", report.still_failed))
     for name, n in rows:
         table.add_row(name, str(n))
     for reason, n in sorted(report.failed.items()):

@@ -68,6 +68,8 @@ class IndexReport:
     """Catalogued files that are gone (deleted, not moved)."""
     changing: int = 0
     """Files that changed while being read: skipped this run, indexed by the next."""
+    still_failed: int = 0
+    """Unchanged files that failed in an earlier run and were not retried (of `unchanged`)."""
     failed: Counter[str] = field(default_factory=Counter)
     problems: list[ScanProblem] = field(default_factory=list)
     indexed_total: int = 0
@@ -97,6 +99,7 @@ class IndexReport:
             "duplicates": self.duplicates, "moved_or_duplicate": self.reused,
             "retried": self.retried,
             "encoded": self.encoded, "missing": self.missing, "changing": self.changing,
+            "still_failed": self.still_failed,
             "failed": dict(self.failed), "failed_total": self.failed_total,
             "indexed_total": self.indexed_total, "index_kind": self.index_kind,
             "seconds": round(self.seconds, 3),
@@ -303,6 +306,7 @@ def _index_roots(
         if old is not None and old.size == f.size and old.mtime_ns == f.mtime_ns:
             if old.state == STATE_INDEXED or (old.state == STATE_FAILED and not options.retry_failed):
                 report.unchanged += 1
+                report.still_failed += old.state == STATE_FAILED
                 continue
         is_change = old is not None and old.state != STATE_MISSING and (
             old.size != f.size or old.mtime_ns != f.mtime_ns or old.state == STATE_PENDING

@@ -281,3 +281,17 @@ def test_piped_tables_do_not_fold_paths(tmp_path: Path, make_image, tiny_model: 
     res = runner.invoke(app, ["search", "x", "--db", str(db)])
     assert res.exit_code == 0
     assert str(tmp_path / "photos" / deep / "picture-with-a-long-name.png") in res.stdout
+
+
+def test_a_rerun_still_shows_the_files_that_failed_before(tmp_path: Path, tiny_model: str) -> None:
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"{i}.jpg").write_bytes(b"\xff\xd8\xff" + b"junk" * (i + 1))
+    db = tmp_path / "c.sqlite3"
+    args = ["index", str(folder), "--db", str(db), "--model", tiny_model, "-q"]
+    assert runner.invoke(app, args).exit_code == 1
+    res = runner.invoke(app, args + ["--json"])
+    report = json.loads(res.stdout.splitlines()[-1])
+    assert report["unchanged"] == 2 and report["still_failed"] == 2 and report["failed_total"] == 0
+    assert "failed before" in runner.invoke(app, args[:-1]).stderr
