@@ -156,6 +156,11 @@ class _LazyEncoder:
     def loaded(self) -> bool:
         return self._encoder is not None
 
+    def adopt(self, encoder: Encoder) -> None:
+        """Use an encoder already loaded for this spec."""
+        with self._lock:
+            self._encoder = encoder
+
     def get(self) -> Encoder:
         with self._lock:  # decode threads ask for it too: load once
             if self._encoder is None:
@@ -233,6 +238,13 @@ def run_index(
         # Before the catalogue is opened: a mistyped folder must not create an empty one.
         raise ClipsearchError("nothing to index: " + "; ".join(
             f"{display_path(os.path.abspath(r))}: not found" for r in roots))
+    preloaded: Encoder | None = None
+    if not settings.db_path.exists():
+        from clipsearch.config import DEFAULT_MODEL
+
+        # A new catalogue needs its model first: one that cannot load (offline, mistyped)
+        # must not leave an empty catalogue behind.
+        preloaded = factory(settings.model or DEFAULT_MODEL)
     catalogue = Catalogue(settings.db_path, create=True)
     try:
         if catalogue.readonly:
@@ -242,6 +254,8 @@ def run_index(
             )
         with WriterLock(settings.lock_path, wait=options.wait_for_lock):
             lazy, model_id, info = _select_model(catalogue, settings.model, factory)
+            if info is None and preloaded is not None:
+                lazy.adopt(preloaded)
             if info is None:
                 enc = lazy.get()
                 info = enc.info

@@ -295,3 +295,12 @@ def test_a_rerun_still_shows_the_files_that_failed_before(tmp_path: Path, tiny_m
     report = json.loads(res.stdout.splitlines()[-1])
     assert report["unchanged"] == 2 and report["still_failed"] == 2 and report["failed_total"] == 0
     assert "failed before" in runner.invoke(app, args[:-1]).stderr
+
+
+def test_a_first_index_whose_model_cannot_load_leaves_no_catalogue(tmp_path: Path, make_image) -> None:  # type: ignore[no-untyped-def]
+    make_image("a.png")
+    db = tmp_path / "fresh" / "c.sqlite3"
+    res = runner.invoke(app, ["index", str(tmp_path / "photos"), "--db", str(db),
+                              "--model", str(tmp_path / "no-such-model")])
+    assert res.exit_code == 1 and "error:" in res.stderr, res.output
+    assert not db.exists()
