@@ -8,7 +8,7 @@ import os
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,7 +76,7 @@ class IndexReport:
     index_kind: str = ""
     seconds: float = 0.0
     interrupted: bool = False
-    stage_seconds: Counter[str] = field(default_factory=Counter)
+    stage_seconds: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     """Time per stage: read+hash, decode, preprocess (summed over worker threads), encode,
     catalogue writes, index refresh, scan (wall time of the main thread)."""
 
@@ -642,7 +642,8 @@ def _flush(
             row.update(state=STATE_FAILED, error=w.reason, attempts=attempts.get(path, 0) + 1)
         rows.append(row)
     for w in batch:
-        report.stage_seconds.update(w.timings)
+        for stage, seconds in w.timings.items():
+            report.stage_seconds[stage] += seconds
     t0 = time.perf_counter()
     catalogue.write_batch(rows, vectors, model_id)
     report.stage_seconds["write"] += time.perf_counter() - t0
@@ -717,7 +718,7 @@ def ensure_index(
         remove = np.setdiff1d(vi.ids, ids_now)
         # A large delta on a trained IVF-PQ degrades its clustering: rebuild instead.
         if add.size + remove.size <= max(1000, ids_now.size // 5) or vi.kind == "flat":
-            add_ids, add_vecs = catalogue.vectors_by_ids(add, model_id, info.dim)
+            add_ids, add_vecs = catalogue.vectors_by_ids(add.tolist(), model_id, info.dim)
             update_index(vi, add_ids, add_vecs, remove, generation)
             if write:
                 save_index(vi, settings.index_path)

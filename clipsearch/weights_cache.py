@@ -72,7 +72,7 @@ def write_pack(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
         fh.write(PACK_MAGIC + len(raw).to_bytes(8, "little") + raw)
         for name, arr in arrays.items():
             fh.seek(start + header[name][2])
-            fh.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+            fh.write(np.ascontiguousarray(arr).data.cast("B"))
         fh.truncate(start + offset)
 
     _write_atomically(path, write)
@@ -128,7 +128,7 @@ def cached_marshal(source: str, kind: str, build: Callable[[], T]) -> T:
     value = build()
     if path is not None:
         try:
-            data = marshal.dumps(value)
+            data = marshal.dumps(value)  # type: ignore[arg-type]
             _write_atomically(path, lambda fh: fh.write(data))
         except (OSError, ValueError):
             pass
