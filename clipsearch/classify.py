@@ -129,16 +129,20 @@ def classify(
     session = _Session(settings, factory)
     try:
         cat: Catalogue = session.catalogue
-        encoder = session.encoder()
-        lv = label_vectors(encoder, labels)
-        background = encoder.encode_texts(list(BACKGROUND_PROMPTS))
-        temperature = float(getattr(encoder, "logit_scale", DEFAULT_TEMPERATURE))
+        # Label prompts through the torch-free text tower when the catalogue recorded one
+        # (seconds faster: no torch/open_clip import); the image model only loads for a
+        # given file that has no stored vector.
+        text = session.text_encoder()
+        lv = label_vectors(text, labels)
+        background = text.encode_texts(list(BACKGROUND_PROMPTS))
+        temperature = float(getattr(text, "logit_scale", DEFAULT_TEMPERATURE))
         items: list[tuple[str, int | None, np.ndarray]] = []
         if paths:
             for p in paths:
                 abspath = os.path.abspath(p)
                 vec = cat.vector_for_path(abspath, session.model_id)
                 if vec is None:
+                    encoder = session.encoder()
                     try:
                         decoded = decode_file(abspath, encoder.image_size)
                     except ImageError as err:

@@ -215,6 +215,17 @@ _MATMUL_WEIGHTS = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weig
                    "mlp.c_proj.weight")
 
 
+def read_logit_scale(weights_file: str) -> float:
+    """The model's learned temperature, exp(logit_scale), as OpenClipEncoder.logit_scale
+    reports it (100 when the checkpoint has none)."""
+    from safetensors import safe_open
+
+    with safe_open(weights_file, framework="np") as f:
+        if "logit_scale" not in f.keys():
+            return 100.0
+        return float(np.exp(np.asarray(f.get_tensor("logit_scale"), np.float64)).reshape(-1)[0])
+
+
 def _finite_or_refreshed(encoder: Any, texts: list[str]) -> np.ndarray:
     """Encode; if the vectors are not finite, the cached arrays are suspect (a damaged cache
     file): rebuild them from the model's own weights file once and encode again."""
@@ -257,6 +268,7 @@ class NumpyTextEncoder:
 
     def __init__(self, weights_file: str, tower: dict[str, Any]) -> None:
         self.tower = tower
+        self.weights_file = weights_file
         kind = f"clip-text-{_PACK_LAYOUT}-{tower['prefix'].strip('.') or 'root'}"
         self._arrays = lambda refresh=False: cached_arrays(  # noqa: E731
             weights_file, kind, lambda: _clip_text_arrays(weights_file, tower["prefix"]),
@@ -270,6 +282,10 @@ class NumpyTextEncoder:
 
     def token_count(self, text: str) -> int:
         return len(self.tokenizer.encode(text)) + 2
+
+    @property
+    def logit_scale(self) -> float:
+        return read_logit_scale(self.weights_file)
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         return _finite_or_refreshed(self, texts)
@@ -336,6 +352,7 @@ class NumpyBertEncoder:
         from tokenizers import Tokenizer
 
         self.tower = tower
+        self.weights_file = weights_file
         self._arrays = lambda refresh=False: cached_arrays(  # noqa: E731
             weights_file, f"bert-text-{_PACK_LAYOUT}", lambda: _bert_text_arrays(weights_file),
             refresh)
@@ -349,6 +366,10 @@ class NumpyBertEncoder:
 
     def token_count(self, text: str) -> int:
         return len(self._tok.encode(text, add_special_tokens=False).ids) + 2
+
+    @property
+    def logit_scale(self) -> float:
+        return read_logit_scale(self.weights_file)
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         return _finite_or_refreshed(self, texts)

@@ -67,3 +67,29 @@ def test_none_of_these_compares_against_the_ensembled_generic_prompts() -> None:
     assert label == "cat"
     (label, _, _), = classify_vectors(image, labels, ["cat", "dog"], generic, 10.0, 0.4)
     assert label == NONE_LABEL
+
+
+def test_classifying_the_catalogue_needs_no_image_model_and_matches_torch(  # type: ignore[no-untyped-def]
+        settings, make_image, tmp_path: Path, tiny_encoder) -> None:
+    for i in range(6):
+        make_image(f"{i}.png", seed=i)
+    run_index(settings, [str(tmp_path / "photos")])
+    labels = ["a red thing", "a blue thing", "a green thing"]
+
+    def no_model(spec):  # type: ignore[no-untyped-def]
+        raise AssertionError("the torch model was loaded")
+
+    fast = classify(settings, labels, store=False, encoder_factory=no_model)
+    slow = classify(settings, labels, store=False,
+                    encoder_factory=lambda spec: tiny_encoder)  # torch text tower
+    import clipsearch.search as search_mod
+
+    assert len(fast) == 6 and [c.label for c in fast] == [c.label for c in slow]
+    for a, b in zip(fast, slow):
+        assert abs(a.confidence - b.confidence) < 0.01  # bf16 torch tower and temperature
+    from clipsearch.text_tower import read_logit_scale
+
+    # The fp32 value from the checkpoint; a bf16 torch model reports it rounded (14.25 vs 14.29).
+    exact = read_logit_scale(tiny_encoder.weights_file)
+    assert abs(exact - tiny_encoder.logit_scale) / exact < 0.01
+    del search_mod
