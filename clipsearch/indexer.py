@@ -31,6 +31,7 @@ from clipsearch.vector_index import (
     read_index_header,
     save_index,
     update_index,
+    wants_gpu,
 )
 
 EncoderFactory = Callable[[str | None], Encoder]
@@ -724,7 +725,8 @@ def ensure_index(
                 save_index(vi, settings.index_path)
             return vi
     ids, vecs = catalogue.indexed_vectors(model_id, info.dim)
-    vi = build_index(ids, vecs, info.key, generation, kind=wanted)
+    vi = build_index(ids, vecs, info.key, generation, kind=wanted,
+                     use_gpu=wants_gpu(settings.device))
     if write:
         save_index(vi, settings.index_path)
     return vi

@@ -104,15 +104,17 @@ def build_index(
     generation: int,
     kind: str = "auto",
     seed: int = 1234,
+    use_gpu: bool | None = None,
 ) -> VectorIndex:
-    """Build a fresh index over L2-normalised vectors (cosine = inner product)."""
+    """Build a fresh index over L2-normalised vectors (cosine = inner product).
+    `use_gpu`: train on (and lay codes out for) the GPU; None: when faiss sees one."""
     faiss = _faiss()
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = vectors.shape
     if kind == "auto":
         kind = choose_kind(n)
-    gpu = gpu_count() > 0
+    gpu = gpu_count() > 0 if use_gpu is None else use_gpu and gpu_count() > 0
     # Too few vectors to train the PQ codebooks (FAISS wants 39 points per centroid: 16 per
     # 4-bit sub-quantizer, 256 per 8-bit one) or the lists: exact search instead.
     if kind == KIND_IVFPQ and n < IVF_MIN_POINTS_PER_LIST * (256 if gpu else 16):
@@ -138,7 +140,7 @@ def build_index(
         if n > IVF_TRAIN_MAX_POINTS:
             sample = vectors[np.sort(rng.choice(n, IVF_TRAIN_MAX_POINTS, replace=False))]
         index.cp.seed = seed
-        index = _train(index, sample)
+        index = _train(index, sample, gpu)
         index.nprobe = nprobe
     if n:
         index.add_with_ids(vectors, ids)
@@ -155,7 +157,8 @@ def gpu_count() -> int:
 
 
 def wants_gpu(device: str) -> bool:
-    """Whether searches should use the GPU: `auto` when faiss sees one, or a forced cuda."""
+    """Whether faiss should use the GPU (index training, searches): `auto` or cuda when faiss
+    sees one; never for `--device cpu` (or mps, which faiss cannot use)."""
     if device == "cpu" or device == "mps":
         return False
     return gpu_count() > 0
@@ -182,10 +185,10 @@ def to_gpu(vi: VectorIndex) -> bool:
     return True
 
 
-def _train(index: Any, sample: np.ndarray) -> Any:
-    """Train IVF-PQ on the GPU when one is present (then back to a CPU index), else the CPU."""
+def _train(index: Any, sample: np.ndarray, gpu: bool) -> Any:
+    """Train IVF-PQ on the GPU when asked (then back to a CPU index), else the CPU."""
     faiss = _faiss()
-    if gpu_count() > 0:
+    if gpu:
         try:
             gpu = faiss.index_cpu_to_all_gpus(index)
             gpu.train(sample)

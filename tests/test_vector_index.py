@@ -223,3 +223,21 @@ def test_searches_move_to_the_gpu_when_faiss_sees_one(monkeypatch, fail: bool) -
         assert fake.params == [("nprobe", vi.nprobe)]
     got = search_index(vi, texts, 5)  # same answers, wherever they come from
     np.testing.assert_array_equal(got[1], cpu_answer[1])
+
+
+def test_device_cpu_keeps_index_training_off_the_gpu(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import faiss
+
+    from clipsearch import vector_index
+
+    fake = _FakeGpuFaiss(faiss, fail=True)  # "sees" a GPU; moving anything there would fail
+    monkeypatch.setattr(vector_index, "_faiss", lambda: fake)
+    images, _, _ = clip_like(12_000, 1, dim=32)  # enough to train 8-bit codebooks
+    ids = np.arange(12_000, dtype=np.int64)
+    cpu = build_index(ids, images, "m", 1, kind=KIND_IVFPQ, use_gpu=False)
+    assert isinstance(faiss.downcast_index(cpu.index), faiss.IndexIVFPQFastScan)
+    assert not vector_index.wants_gpu("cpu") and vector_index.wants_gpu("cuda")
+    # With a GPU seen, training is attempted there (8-bit codes) and falls back to the CPU.
+    gpu = build_index(ids, images, "m", 1, kind=KIND_IVFPQ, use_gpu=True)
+    assert isinstance(faiss.downcast_index(gpu.index), faiss.IndexIVFPQ)
+    assert not isinstance(faiss.downcast_index(gpu.index), faiss.IndexIVFPQFastScan)
