@@ -202,8 +202,9 @@ def status_report(data: dict[str, Any], as_json: bool) -> None:
     table.add_row("model", "none" if not model else escape(
         model["spec"] if model["spec"] == model["key"] else f"{model['spec']} ({model['key']})"
     ))
+    shown_states = {"missing": "missing (deleted or moved away)"}
     for state, n in data["counts"].items():
-        table.add_row(state, str(n))
+        table.add_row(shown_states.get(state, state), str(n))
     table.add_row("index", f"{data['index']['kind']} ({data['index']['count']} vectors, "
                            f"{'fresh' if data['index']['fresh'] else 'stale: rebuilt on next use'})")
     table.add_row("roots", escape(", ".join(r["path"] for r in data["roots"]) or "none"))
