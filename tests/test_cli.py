@@ -304,3 +304,25 @@ def test_a_first_index_whose_model_cannot_load_leaves_no_catalogue(tmp_path: Pat
                               "--model", str(tmp_path / "no-such-model")])
     assert res.exit_code == 1 and "error:" in res.stderr, res.output
     assert not db.exists()
+
+
+def test_ctrl_c_while_the_cli_still_imports_exits_130_without_a_traceback() -> None:
+    code = ("import builtins\n"
+            "real = builtins.__import__\n"
+            "def imp(name, *a, **k):\n"
+            "    if name == 'clipsearch.cli':\n"
+            "        raise KeyboardInterrupt\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = imp\n"
+            "from clipsearch.__main__ import main\n"
+            "main()\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 130
+    assert res.stderr.strip() == "interrupted"
+
+
+def test_console_script_points_at_the_light_entry_module() -> None:
+    import tomllib
+
+    scripts = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["clipsearch"] == "clipsearch.__main__:main"
