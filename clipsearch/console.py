@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -179,8 +180,6 @@ def search_results(resp: SearchResponse, fmt: str, nul: bool = False) -> None:
 
 
 def _relative_if_under_cwd(path: str) -> str:
-    import os
-
     try:
         cwd = os.getcwd()
     except OSError:

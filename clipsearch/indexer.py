@@ -233,12 +233,12 @@ def run_index(
     started = time.perf_counter()
     factory = encoder_factory or (lambda spec: load_encoder(spec, settings.device))
     report = IndexReport()
-    if roots and not any(os.path.exists(r) for r in roots):
+    if not any(os.path.exists(r) for r in roots):
         from clipsearch.crawler import display_path
 
         # Before the catalogue is opened: a mistyped folder must not create an empty one.
-        raise ClipsearchError("nothing to index: " + "; ".join(
-            f"{display_path(os.path.abspath(r))}: not found" for r in roots))
+        raise ClipsearchError("nothing to index: " + ("; ".join(
+            f"{display_path(os.path.abspath(r))}: not found" for r in roots) or "no folders"))
     preloaded: Encoder | None = None
     if not settings.db_path.exists():
         from clipsearch.config import DEFAULT_MODEL
@@ -301,11 +301,7 @@ def _index_roots(
     scan = scan_directories(abs_roots, options.include_hidden, options.include_system)
     report.stage_seconds["scan"] += time.perf_counter() - t0
     report.problems.extend(scan.problems)
-    valid_roots = [r for r in abs_roots if os.path.exists(r)]
-    if not valid_roots:
-        raise ClipsearchError(
-            "nothing to index: " + "; ".join(f"{p.path}: {p.reason}" for p in scan.problems)
-        )
+    valid_roots = [r for r in abs_roots if os.path.exists(r)]  # run_index checked some exist
     catalogue.add_roots(valid_roots)
     stored = catalogue.files_under(valid_roots)
     report.scanned = len(scan.files)

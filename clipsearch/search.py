@@ -135,8 +135,9 @@ def parse_query(parts: Sequence[str]) -> list[QueryTerm]:
         raise UsageError("empty query: give words to search for, or an image path")
     zero = [t for t in terms if abs(t.weight) < MIN_TERM_WEIGHT]
     if zero:
-        raise UsageError(f"{zero[0].text or zero[0].image_path!r} has weight {zero[0].weight:g}, which would "
-                         "ignore it: use a positive weight, or a negative one to avoid it")
+        term = zero[0]
+        raise UsageError(f"{term.text or term.image_path!r} has weight {term.weight:g}, which "
+                         "would ignore it: use a positive weight, or a negative one to avoid it")
     if all(t.weight < 0 for t in terms):
         raise UsageError("the query has only negative terms: add something to look for")
     return terms

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import sys
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -226,18 +227,6 @@ def read_logit_scale(weights_file: str) -> float:
         return float(np.exp(np.asarray(f.get_tensor("logit_scale"), np.float64)).reshape(-1)[0])
 
 
-def _finite_or_refreshed(encoder: Any, texts: list[str]) -> np.ndarray:
-    """Encode; if the vectors are not finite, the cached arrays are suspect (a damaged cache
-    file): rebuild them from the model's own weights file once and encode again."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        out: np.ndarray = encoder._encode(texts)
-    if not np.isfinite(out).all():
-        encoder.w = encoder._arrays(refresh=True)
-        with np.errstate(over="ignore", invalid="ignore"):
-            out = encoder._encode(texts)
-    return out
-
-
 _PACK_LAYOUT = "v1"
 """Bump when the arrays the numpy towers expect change (names, dtypes, transposes)."""
 
@@ -263,17 +252,41 @@ def _clip_text_arrays(weights_file: str, prefix: str) -> dict[str, np.ndarray]:
     return w
 
 
-class NumpyTextEncoder:
+class _NumpyTower:
+    """What both numpy towers share: weights from the per-user cache (built from the
+    checkpoint on a miss), the checkpoint's temperature, and encoding that rebuilds the
+    cached arrays once if they give non-finite vectors (a damaged cache file)."""
+
+    def __init__(self, weights_file: str, tower: dict[str, Any], kind: str,
+                 build: Callable[[], dict[str, np.ndarray]]) -> None:
+        self.tower = tower
+        self.weights_file = weights_file
+        self._kind, self._build = kind, build
+        self.w = cached_arrays(weights_file, kind, build)
+
+    @property
+    def logit_scale(self) -> float:
+        return read_logit_scale(self.weights_file)
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = self._encode(texts)
+            if not np.isfinite(out).all():
+                self.w = cached_arrays(self.weights_file, self._kind, self._build, refresh=True)
+                out = self._encode(texts)
+        return out
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        raise NotImplementedError
+
+
+class NumpyTextEncoder(_NumpyTower):
     """Encode texts with numpy only; equal to open_clip's encode_text(normalize=True)."""
 
     def __init__(self, weights_file: str, tower: dict[str, Any]) -> None:
-        self.tower = tower
-        self.weights_file = weights_file
-        kind = f"clip-text-{_PACK_LAYOUT}-{tower['prefix'].strip('.') or 'root'}"
-        self._arrays = lambda refresh=False: cached_arrays(  # noqa: E731
-            weights_file, kind, lambda: _clip_text_arrays(weights_file, tower["prefix"]),
-            refresh)
-        self.w = self._arrays()
+        super().__init__(weights_file, tower,
+                         f"clip-text-{_PACK_LAYOUT}-{tower['prefix'].strip('.') or 'root'}",
+                         lambda: _clip_text_arrays(weights_file, tower["prefix"]))
         required = ("token_embedding.weight", "positional_embedding", "ln_final.weight")
         if not all(r in self.w for r in required):
             raise KeyError(f"{weights_file}: not a standard CLIP text tower")
@@ -282,13 +295,6 @@ class NumpyTextEncoder:
 
     def token_count(self, text: str) -> int:
         return len(self.tokenizer.encode(text)) + 2
-
-    @property
-    def logit_scale(self) -> float:
-        return read_logit_scale(self.weights_file)
-
-    def encode_texts(self, texts: list[str]) -> np.ndarray:
-        return _finite_or_refreshed(self, texts)
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         w = self.w
@@ -344,19 +350,15 @@ def _bert_text_arrays(weights_file: str) -> dict[str, np.ndarray]:
     return w
 
 
-class NumpyBertEncoder:
+class NumpyBertEncoder(_NumpyTower):
     """A sentence-encoder text tower (clipsearch.sentence_tower) in numpy: word pieces, BERT
     post-LN layers, mean pooling, L2 norm, optional projection; equal to the torch model."""
 
     def __init__(self, weights_file: str, tower: dict[str, Any]) -> None:
         from tokenizers import Tokenizer
 
-        self.tower = tower
-        self.weights_file = weights_file
-        self._arrays = lambda refresh=False: cached_arrays(  # noqa: E731
-            weights_file, f"bert-text-{_PACK_LAYOUT}", lambda: _bert_text_arrays(weights_file),
-            refresh)
-        self.w = self._arrays()
+        super().__init__(weights_file, tower, f"bert-text-{_PACK_LAYOUT}",
+                         lambda: _bert_text_arrays(weights_file))
         if "bert.embeddings.word_embeddings.weight" not in self.w:
             raise KeyError(f"{weights_file}: not a sentence-encoder text tower")
         self.context_length = int(tower["context_length"])
@@ -366,13 +368,6 @@ class NumpyBertEncoder:
 
     def token_count(self, text: str) -> int:
         return len(self._tok.encode(text, add_special_tokens=False).ids) + 2
-
-    @property
-    def logit_scale(self) -> float:
-        return read_logit_scale(self.weights_file)
-
-    def encode_texts(self, texts: list[str]) -> np.ndarray:
-        return _finite_or_refreshed(self, texts)
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         w, eps, heads = self.w, self.tower["eps"], self.tower["heads"]

@@ -114,7 +114,7 @@ def build_index(
     n, dim = vectors.shape
     if kind == "auto":
         kind = choose_kind(n)
-    gpu = gpu_count() > 0 if use_gpu is None else use_gpu and gpu_count() > 0
+    gpu = use_gpu is not False and gpu_count() > 0
     # Too few vectors to train the PQ codebooks (FAISS wants 39 points per centroid: 16 per
     # 4-bit sub-quantizer, 256 per 8-bit one) or the lists: exact search instead.
     if kind == KIND_IVFPQ and n < IVF_MIN_POINTS_PER_LIST * (256 if gpu else 16):
@@ -190,9 +190,9 @@ def _train(index: Any, sample: np.ndarray, gpu: bool) -> Any:
     faiss = _faiss()
     if gpu:
         try:
-            gpu = faiss.index_cpu_to_all_gpus(index)
-            gpu.train(sample)
-            return faiss.index_gpu_to_cpu(gpu)
+            on_gpu = faiss.index_cpu_to_all_gpus(index)
+            on_gpu.train(sample)
+            return faiss.index_gpu_to_cpu(on_gpu)
         except Exception:  # noqa: BLE001 - fall back to the CPU, which always works
             pass
     index.train(sample)
