@@ -189,21 +189,22 @@ class Bench:
         train_s = [0.0]
         real_train = vx._train
 
-        def timed_train(index: Any, sample: np.ndarray) -> Any:
+        def timed_train(index: Any, sample: np.ndarray, *args: Any) -> Any:
             t0 = time.perf_counter()
             try:
-                return real_train(index, sample)
+                return real_train(index, sample, *args)
             finally:
                 train_s[0] += time.perf_counter() - t0
 
         t = time.perf_counter()
-        ids, vecs = cat.indexed_vectors(model_id, DIM)
+        ids, vecs, fps = cat.indexed_vectors_and_fingerprints(model_id, DIM)
         load_s = time.perf_counter() - t
         assert ids.size == self.n and ids[0] == 1 and ids[-1] == self.n  # image_id = row + 1
         vx._train = timed_train
         try:
             t = time.perf_counter()
-            vi = vx.build_index(ids, vecs, self.encoder.info.key, cat.generation())
+            vi = vx.build_index(ids, vecs, self.encoder.info.key, cat.generation(),
+                                fingerprints=fps)
             build_s = time.perf_counter() - t
         finally:
             vx._train = real_train

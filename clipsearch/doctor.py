@@ -14,7 +14,7 @@ from clipsearch.config import Settings
 from clipsearch.encoder import ModelInfo
 from clipsearch.errors import CatalogueDamagedError
 from clipsearch.imaging import codec_support
-from clipsearch.vector_index import id_digest, load_index
+from clipsearch.vector_index import FILE_LAYOUT, index_delta, load_index, read_index_header
 
 INTEGRITY_LINES_SHOWN = 3
 
@@ -98,7 +98,7 @@ def _check(settings: Settings, report: CheckReport, repair: bool) -> None:
             return
         info = ModelInfo(model.key, model.spec, model.arch, model.pretrained,
                          model.checkpoint_hash, model.open_clip_version, model.dim)
-        ids_now = cat.indexed_ids(model.id)
+        ids_now, fps_now = cat.indexed_fingerprints(model.id)
         report.indexed = int(ids_now.size)
         indexed_rows = list(cat.images(STATE_INDEXED))
         with_vector = set(ids_now.tolist())
@@ -137,14 +137,21 @@ def _check(settings: Settings, report: CheckReport, repair: bool) -> None:
         index_bad = False
         if vi is None:
             index_bad = True
-            report.problems.append(
-                f"index {settings.index_path} is damaged" if settings.index_path.exists()
-                else f"index {settings.index_path} is not built yet (the next search or "
-                "index run builds it)")
+            header = read_index_header(settings.index_path)
+            if header is not None and header.get("layout") != FILE_LAYOUT:
+                report.problems.append(
+                    f"index {settings.index_path} has an older layout (the next search or "
+                    "index run rebuilds it)")
+            else:
+                report.problems.append(
+                    f"index {settings.index_path} is damaged" if settings.index_path.exists()
+                    else f"index {settings.index_path} is not built yet (the next search or "
+                    "index run builds it)")
         elif vi.model_key != model.key:
             index_bad = True
             report.problems.append(f"index was built with another model ({vi.model_key})")
-        elif vi.generation != cat.generation() or id_digest(vi.ids) != id_digest(ids_now):
+        elif vi.generation != cat.generation() or any(
+                d.size for d in index_delta(vi, ids_now, fps_now)):
             index_bad = True
             report.problems.append(
                 f"index is stale: {vi.count} vectors, catalogue has {report.indexed}"

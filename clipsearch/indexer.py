@@ -23,10 +23,12 @@ from clipsearch.encoder import Encoder, ModelInfo, load_encoder, resolve_spec
 from clipsearch.errors import CatalogueError, ClipsearchError, ImageError, ModelMismatchError
 from clipsearch.imaging import decode_image
 from clipsearch.vector_index import (
+    FILE_LAYOUT,
     VectorIndex,
     build_index,
     choose_kind,
     id_digest,
+    index_delta,
     load_index,
     read_index_header,
     save_index,
@@ -666,6 +668,7 @@ def refresh_index(
     if (
         header is not None
         and header.get("model_key") == info.key
+        and header.get("layout") == FILE_LAYOUT
         and header.get("generation") == catalogue.generation()
         and kind in ("auto", header.get("kind"))
         and tuple(header.get("id_digest") or ()) == (
@@ -693,7 +696,10 @@ def ensure_index(
 
     Stale means: another generation, or another set of ids than the catalogue's indexed
     images (compared by digest, so a lost vector row is caught even when the generation
-    counter agrees). `rebuild` builds it afresh from the catalogue whatever the file says."""
+    counter agrees). A stale index is updated by ids and content fingerprints, so a file
+    whose content changed under its image id gets its new vector, also when the catalogue
+    was restored from a copy. `rebuild` builds it afresh from the catalogue whatever the
+    file says."""
     generation = catalogue.generation()
     vi = None if rebuild else load_index(settings.index_path)
     if vi is not None and (vi.model_key != info.key or vi.dim != info.dim):
@@ -708,21 +714,27 @@ def ensure_index(
         )
     ):
         return vi
-    ids_now = catalogue.indexed_ids(model_id)
+    ids_now, fps_now = catalogue.indexed_fingerprints(model_id)
     wanted = choose_kind(ids_now.size) if kind == "auto" else kind
     if vi is not None and vi.kind == wanted:
-        add = np.setdiff1d(ids_now, vi.ids)
-        remove = np.setdiff1d(vi.ids, ids_now)
-        # A large delta on a trained IVF-PQ degrades its clustering: rebuild instead.
-        if add.size + remove.size <= max(1000, ids_now.size // 5) or vi.kind == "flat":
+        add, remove = index_delta(vi, ids_now, fps_now)
+        # A large delta on a trained IVF-PQ degrades its clustering, and its dead entries
+        # (update_index) take candidate slots: past a fifth, rebuild instead.
+        if (add.size + remove.size + vi.dead <= max(1000, ids_now.size // 5)
+                or vi.kind == "flat"):
             add_ids, add_vecs = catalogue.vectors_by_ids(add.tolist(), model_id, info.dim)
-            update_index(vi, add_ids, add_vecs, remove, generation)
+            pos = np.searchsorted(ids_now, add_ids).clip(max=max(ids_now.size - 1, 0))
+            # An id indexed since ids_now was read gets fingerprint 0: the next update
+            # compares it as changed and adds it again with its real one.
+            add_fps = np.where(ids_now[pos] == add_ids, fps_now[pos], 0) if ids_now.size else (
+                np.zeros(add_ids.size, np.int64))
+            update_index(vi, add_ids, add_vecs, remove, generation, add_fps)
             if write:
                 save_index(vi, settings.index_path)
             return vi
-    ids, vecs = catalogue.indexed_vectors(model_id, info.dim)
+    ids, vecs, fps = catalogue.indexed_vectors_and_fingerprints(model_id, info.dim)
     vi = build_index(ids, vecs, info.key, generation, kind=wanted,
-                     use_gpu=wants_gpu(settings.device))
+                     use_gpu=wants_gpu(settings.device), fingerprints=fps)
     if write:
         save_index(vi, settings.index_path)
     return vi

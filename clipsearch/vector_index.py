@@ -17,6 +17,10 @@ from clipsearch.config import FLAT_INDEX_MAX_IMAGES
 from clipsearch.errors import IndexError_
 
 FILE_MAGIC = b"CLIPSRCHIDX1"
+FILE_LAYOUT = 2
+"""Layout 2 adds a content fingerprint per id (and counts dead IVF-PQ entries): files of
+layout 1 may hold the vectors of files whose content changed under the same image id, so
+they are rebuilt, not trusted."""
 KIND_FLAT = "flat"
 KIND_IVFPQ = "ivfpq"
 IVF_MIN_POINTS_PER_LIST = 39
@@ -51,6 +55,16 @@ class VectorIndex:
     nprobe: int = 1
     on_gpu: bool = False
     """Searches run on the GPU copy in `index` (never saved or updated: see to_gpu)."""
+    fingerprints: np.ndarray | None = None
+    """Per id (same order): the content fingerprint its vector was made from
+    (Catalogue.indexed_fingerprints); None reads as zeros."""
+    dead: int = 0
+    """IVF-PQ entries whose id left the indexed set or got new content: still in the FAISS
+    index (see update_index); searches drop them at the exact re-rank."""
+
+    def __post_init__(self) -> None:
+        if self.fingerprints is None:
+            self.fingerprints = np.zeros(self.ids.size, np.int64)
 
     @property
     def count(self) -> int:
@@ -105,9 +119,11 @@ def build_index(
     kind: str = "auto",
     seed: int = 1234,
     use_gpu: bool | None = None,
+    fingerprints: np.ndarray | None = None,
 ) -> VectorIndex:
     """Build a fresh index over L2-normalised vectors (cosine = inner product).
-    `use_gpu`: train on (and lay codes out for) the GPU; None: when faiss sees one."""
+    `use_gpu`: train on (and lay codes out for) the GPU; None: when faiss sees one.
+    `fingerprints`: the content fingerprint of each vector (by position), for updates."""
     faiss = _faiss()
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -144,7 +160,11 @@ def build_index(
         index.nprobe = nprobe
     if n:
         index.add_with_ids(vectors, ids)
-    return VectorIndex(index, kind, dim, model_key, generation, np.sort(ids), nprobe)
+    order = np.argsort(ids, kind="stable")
+    fps = (np.zeros(n, np.int64) if fingerprints is None
+           else np.asarray(fingerprints, np.int64)[order])
+    return VectorIndex(index, kind, dim, model_key, generation, ids[order], nprobe,
+                       fingerprints=fps)
 
 
 def gpu_count() -> int:
@@ -199,33 +219,65 @@ def _train(index: Any, sample: np.ndarray, gpu: bool) -> Any:
     return index
 
 
+def index_delta(vi: VectorIndex, ids: np.ndarray, fingerprints: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(ids to add, ids to remove) to bring the index to this id set with these content
+    fingerprints (ids sorted): a changed id is in both."""
+    in_index = np.isin(ids, vi.ids)
+    add = ids[~in_index]
+    remove = vi.ids[~np.isin(vi.ids, ids)]
+    common = ids[in_index]
+    assert vi.fingerprints is not None
+    now = np.asarray(fingerprints, np.int64)[in_index]
+    then = vi.fingerprints[np.searchsorted(vi.ids, common)]
+    changed = common[now != then]
+    return np.union1d(add, changed), np.union1d(remove, changed)
+
+
 def update_index(
     vi: VectorIndex,
     add_ids: np.ndarray,
     add_vectors: np.ndarray,
     remove_ids: np.ndarray,
     generation: int,
+    add_fingerprints: np.ndarray | None = None,
 ) -> None:
-    """Apply a delta in place: removed ids never come back."""
+    """Apply a delta in place: first the removals, then the additions (an id in both gets
+    its new vector); afterwards `vi.ids` is the new id set.
+
+    IVF-PQ indexes only ever add: FAISS 1.15.1's IndexIVFPQFastScan mis-places codes added
+    after any `remove_ids` (30 of 500 vectors added after removing 50 lost their own top-20
+    spot; none without the removal). Removed entries stay in FAISS as `dead` ones, which
+    the exact re-rank drops (it reads only the catalogue's indexed ids and their current
+    vectors). Flat indexes remove in place."""
     faiss = _faiss()
-    if remove_ids.size:
-        sel = faiss.IDSelectorBatch(np.ascontiguousarray(remove_ids, dtype=np.int64))
-        vi.index.remove_ids(sel)
+    add_ids = np.asarray(add_ids, dtype=np.int64)
+    remove_ids = np.asarray(remove_ids, dtype=np.int64)
+    add_vectors = np.asarray(add_vectors, dtype=np.float32).reshape(add_ids.size, vi.dim)
+    fps = (np.zeros(add_ids.size, np.int64) if add_fingerprints is None
+           else np.asarray(add_fingerprints, np.int64))
+    assert vi.fingerprints is not None
+    keep = ~np.isin(vi.ids, remove_ids)
+    if vi.kind == KIND_IVFPQ:
+        vi.dead += int((~keep).sum())
+    elif remove_ids.size:
+        vi.index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(remove_ids)))
     if add_ids.size:
-        vi.index.add_with_ids(
-            np.ascontiguousarray(add_vectors, dtype=np.float32),
-            np.ascontiguousarray(add_ids, dtype=np.int64),
-        )
-    keep = np.setdiff1d(vi.ids, remove_ids, assume_unique=False)
-    vi.ids = np.union1d(keep, add_ids.astype(np.int64))
+        vi.index.add_with_ids(np.ascontiguousarray(add_vectors), np.ascontiguousarray(add_ids))
+    ids = np.concatenate([vi.ids[keep], add_ids])
+    fingerprints = np.concatenate([vi.fingerprints[keep], fps])
+    order = np.argsort(ids, kind="stable")
+    vi.ids, vi.fingerprints = ids[order], fingerprints[order]
     vi.generation = generation
 
 
 def candidate_count(k: int, vi: VectorIndex) -> int:
-    """How many ANN candidates to fetch for k exact results."""
+    """How many ANN candidates to fetch for k exact results (more in proportion to the dead
+    entries, which the re-rank drops)."""
     if vi.kind == KIND_FLAT:
         return k
-    return max(RERANK_MIN_CANDIDATES, RERANK_FACTOR * k)
+    wanted = max(RERANK_MIN_CANDIDATES, RERANK_FACTOR * k)
+    return -(-wanted * (vi.count + vi.dead) // max(vi.count, 1))
 
 
 def search_index(vi: VectorIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -233,7 +285,7 @@ def search_index(vi: VectorIndex, queries: np.ndarray, k: int) -> tuple[np.ndarr
     if vi.count == 0 or k <= 0:
         q = len(queries)
         return np.zeros((q, 0), np.float32), np.zeros((q, 0), np.int64)
-    k = min(k, vi.count)
+    k = min(k, vi.count + vi.dead)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if vi.on_gpu:
         return vi.index.search(queries, k)  # nprobe was set when it moved (to_gpu)
@@ -270,12 +322,14 @@ def save_index(vi: VectorIndex, path: Path) -> None:
             "model_key": vi.model_key,
             "generation": vi.generation,
             "count": vi.count,
+            "dead": vi.dead,
+            "layout": FILE_LAYOUT,
             "id_digest": list(id_digest(vi.ids)),
             "nprobe": vi.nprobe,
         }
     ).encode()
     blob = faiss.serialize_index(vi.index).tobytes()
-    ids = np.ascontiguousarray(vi.ids, dtype="<i8").tobytes()
+    ids = np.ascontiguousarray(np.concatenate([vi.ids, vi.fingerprints]), dtype="<i8").tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(path.name + ".*.tmp"):  # left by a killed writer
         try:
@@ -305,7 +359,8 @@ def save_index(vi: VectorIndex, path: Path) -> None:
 
 
 def read_index_header(path: Path) -> dict[str, Any] | None:
-    """The header of an index file (kind, dim, model_key, generation, count) without faiss."""
+    """The header of an index file (kind, dim, model_key, generation, count, layout) without
+    faiss; None when it is not one."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(len(FILE_MAGIC) + 24)
@@ -321,7 +376,8 @@ def read_index_header(path: Path) -> dict[str, Any] | None:
 
 
 def load_index(path: Path) -> VectorIndex | None:
-    """Read an index file; None when it is missing, truncated or damaged (rebuild it)."""
+    """Read an index file; None when it is missing, truncated, damaged or of an older layout
+    (rebuild it)."""
     faiss = _faiss()
     try:
         data = path.read_bytes()
@@ -336,11 +392,17 @@ def load_index(path: Path) -> VectorIndex | None:
         if off + hlen + ilen + blen != len(data):
             return None
         header = json.loads(data[off : off + hlen])
+        if header.get("layout") != FILE_LAYOUT:
+            return None
         off += hlen
         ids = np.frombuffer(data, dtype="<i8", count=ilen // 8, offset=off).astype(np.int64)
+        live, dead = int(header["count"]), int(header["dead"])
+        if ids.size != 2 * live:
+            return None
+        ids, fingerprints = ids[:live], ids[live:]
         off += ilen
         index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8, offset=off))
-        if index.ntotal != ids.size or index.d != header["dim"]:
+        if index.ntotal != live + dead or index.d != header["dim"]:
             return None
         return VectorIndex(
             index,
@@ -352,6 +414,8 @@ def load_index(path: Path) -> VectorIndex | None:
             # An index built under an older, smaller probe policy searches with today's.
             max(int(header.get("nprobe", 1)), nprobe_for(int(index.nlist)))
             if header["kind"] == KIND_IVFPQ else int(header.get("nprobe", 1)),
+            fingerprints=fingerprints,
+            dead=dead,
         )
     except Exception:  # noqa: BLE001 - any damage means: rebuild from the catalogue
         return None

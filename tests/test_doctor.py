@@ -134,3 +134,26 @@ def test_an_index_not_built_yet_is_called_that(settings, make_image, tmp_path: P
     report = check_catalogue(settings)
     assert any("not built yet" in p for p in report.problems), report.problems
     assert not any("damaged" in p for p in report.problems)
+
+
+def test_index_file_of_an_older_layout_is_named_as_such_and_rebuilt(settings, make_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import struct
+
+    from clipsearch.vector_index import FILE_MAGIC
+
+    make_image("a.png")
+    run_index(settings, [str(tmp_path / "photos")])
+    data = settings.index_path.read_bytes()
+    off = len(FILE_MAGIC)
+    hlen, ilen, blen = struct.unpack_from("<QQQ", data, off)
+    header = json.loads(data[off + 24: off + 24 + hlen])
+    header["layout"] = 1
+    raw = json.dumps(header).encode()
+    settings.index_path.write_bytes(FILE_MAGIC + struct.pack("<QQQ", len(raw), ilen, blen) + raw
+                                    + data[off + 24 + hlen:])
+    report = check_catalogue(settings)
+    assert any("older layout" in p for p in report.problems)
+    assert not any("damaged" in p for p in report.problems)
+    assert search(settings, ["x"]).results  # the search rebuilds it
+    assert check_catalogue(settings).problems == []

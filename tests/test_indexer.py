@@ -511,3 +511,76 @@ def test_an_unchanged_rerun_scans_for_the_id_digest_once(settings, make_image, t
     calls.clear()
     report = run_index(settings, [str(tmp_path / "photos")])
     assert report.missing == 1 and report.indexed_total == 2  # a write: the digest is re-read
+
+
+def _assert_index_holds_the_catalogue_vectors(settings) -> None:  # type: ignore[no-untyped-def]
+    """Every id in the (flat) FAISS file carries the vector the catalogue has for it now."""
+    import numpy as np
+
+    from clipsearch.vector_index import load_index
+
+    vi = load_index(settings.index_path)
+    assert vi is not None and vi.kind == "flat"
+    with Catalogue(settings.db_path) as cat:
+        model = cat.active_model()
+        assert model is not None
+        ids, vecs = cat.indexed_vectors(model.id, model.dim)
+    np.testing.assert_array_equal(vi.ids, ids)
+    for image_id, vec in zip(ids, vecs):
+        np.testing.assert_allclose(vi.index.reconstruct(int(image_id)), vec, atol=1e-6)
+
+
+def test_changed_content_reaches_the_index(settings, make_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A changed file keeps its path; its old vector must not stay in the index (searches
+    found it by its old content), at every size."""
+    paths = [make_image(f"{i}.png", seed=i) for i in range(4)]
+    run_index(settings, [str(tmp_path / "photos")])
+    make_image("2.png", seed=40)
+    os.utime(paths[2], ns=(1, 1_000_000_000))
+    report = run_index(settings, [str(tmp_path / "photos")])
+    assert report.changed == 1
+    _assert_index_holds_the_catalogue_vectors(settings)
+    query = make_image("query.png", seed=40, root=tmp_path / "elsewhere")
+    found = search(settings, [str(query)]).results
+    assert found[0].path == str(paths[2]) and found[0].score > 0.999
+
+
+def test_changed_content_reaches_the_index_after_a_restore_from_backup(
+        settings, make_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A catalogue restored from a copy, then changed again, must not meet the index file
+    of its other history at the same change counter and id set."""
+    photos = tmp_path / "photos"
+    make_image("a.png", seed=1)
+    run_index(settings, [str(photos)])
+    backup = tmp_path / "backup.sqlite3"
+    with Catalogue(settings.db_path) as cat:
+        with cat.engine.connect() as conn:
+            conn.exec_driver_sql(f"VACUUM INTO '{backup}'")
+    make_image("b.png", seed=2)
+    run_index(settings, [str(photos)])
+    shutil.copy(backup, settings.db_path)
+    for suffix in ("-wal", "-shm"):
+        Path(str(settings.db_path) + suffix).unlink(missing_ok=True)
+    (photos / "b.png").unlink()
+    make_image("c.png", seed=3)  # takes the id b.png had in the other history
+    run_index(settings, [str(photos)])
+    _assert_index_holds_the_catalogue_vectors(settings)
+
+
+def test_labels_are_dropped_when_content_changes_and_kept_when_touched(
+        settings, make_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from clipsearch.classify import classify
+
+    changed = make_image("changed.png", seed=1)
+    touched = make_image("touched.png", seed=2)
+    run_index(settings, [str(tmp_path / "photos")])
+    classify(settings, ["cat", "dog"], none_margin=None)
+    make_image("changed.png", seed=3)
+    os.utime(changed, ns=(1, 1_000_000_000))
+    os.utime(touched, ns=(5, 5_000_000_000))
+    run_index(settings, [str(tmp_path / "photos")])
+    with Catalogue(settings.db_path) as cat:
+        ids = {r.path: r.image_id for r in cat.images()}
+        labels = cat.labels_of(list(ids.values()))
+    assert ids[str(touched)] in labels
+    assert ids[str(changed)] not in labels
