@@ -416,8 +416,14 @@ def check(
 
 
 def main() -> None:
-    """Console entry: Ctrl-C anywhere exits without a traceback (130 once a command runs)."""
+    """Console entry: Ctrl-C anywhere exits without a traceback (130 once a command runs);
+    a reader that stops early (`clipsearch search cat --json | head -1`) ends the process
+    with SIGPIPE, like other Unix tools, not with an error status."""
+    import signal
     import warnings
+
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
     # Damaged files make Pillow warn; their failures are recorded per file instead.
     warnings.filterwarnings("ignore", module="PIL")

@@ -326,3 +326,20 @@ def test_console_script_points_at_the_light_entry_module() -> None:
 
     scripts = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["clipsearch"] == "clipsearch.__main__:main"
+
+
+@pytest.mark.parametrize("mode", [[], ["--json"], ["--paths"]])
+def test_a_reader_that_stops_early_ends_search_by_sigpipe_not_an_error(
+        indexed_db: Path, mode: list[str]) -> None:
+    """`clipsearch search cat --json | head -1` exited 1 (the shell's pipefail reported a
+    failure); a closed pipe ends the process the way it ends other Unix tools."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "clipsearch", "search", "thing", "--db",
+                             str(indexed_db), "-k", "5", *mode],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the first result is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == -signal.SIGPIPE, err
+    assert "Traceback" not in err and "error" not in err.lower()
