@@ -332,6 +332,39 @@ def _passes(row: ImageRow, opts: SearchOptions) -> bool:
     return True
 
 
+def _rank_present(session: _Session, qvec: np.ndarray, opts: SearchOptions, exclude: set[int],
+                  timings: dict[str, float], notices: list[str]) -> list[SearchResult]:
+    """_rank, leaving out files deleted since they were indexed (the next best take their
+    place). A file counts as deleted when it is gone while the folder it was indexed from
+    is there: results on an unplugged drive are kept."""
+    roots = sorted(session.catalogue.roots(), key=len, reverse=True)
+    exclude = set(exclude)
+    gone: list[str] = []
+    while True:
+        results = _rank(session, qvec, opts, exclude, timings)
+        missing = [r for r in results if _deleted(r.path, roots)]
+        if not missing:
+            break
+        gone += [r.path for r in missing]
+        exclude.update(r.image_id for r in missing)
+    if gone:
+        shown = ", ".join(gone[:3]) + (f" and {len(gone) - 3} more" if len(gone) > 3 else "")
+        notices.append(f"left out {len(gone)} file{'' if len(gone) == 1 else 's'} deleted since "
+                       f"the last index run ({shown}); `clipsearch index` updates the catalogue")
+    return results
+
+
+def _deleted(path: str, roots: list[str]) -> bool:
+    """Gone from disk while the folder it was indexed from (longest root first; else its own
+    folder) is there."""
+    if os.path.lexists(path):
+        return False
+    for root in roots:
+        if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
+            return os.path.isdir(root)
+    return os.path.isdir(os.path.dirname(path))
+
+
 def _rank(session: _Session, qvec: np.ndarray, opts: SearchOptions, exclude: set[int],
           timings: dict[str, float]) -> list[SearchResult]:
     if opts.top_k <= 0:
@@ -428,7 +461,7 @@ class Searcher:
                 image_id = session.catalogue.image_id_for_path(os.path.abspath(t.image_path))
                 if image_id is not None:
                     exclude.add(image_id)
-        results = _rank(session, qvec, opts, exclude, timings)
+        results = _rank_present(session, qvec, opts, exclude, timings, notices)
         if opts.label and not results and not session.catalogue.ids_with_label(opts.label):
             notices.append(f"no image has the label {opts.label!r}; give it with "
                            "`clipsearch classify --labels ...` first")

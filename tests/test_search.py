@@ -193,3 +193,22 @@ def test_search_through_ivfpq_returns_true_cosines_close_to_exact(
 
     vi = load_index(settings.index_path)
     assert vi is not None and vi.kind == "ivfpq"
+
+
+def test_files_deleted_since_indexing_are_left_out_and_the_next_best_take_their_place(
+        settings, make_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    photos = tmp_path / "photos"
+    paths = [make_image(f"{i}.png", seed=i) for i in range(5)]
+    run_index(settings, [str(photos)])
+    query = make_image("q.png", seed=2, root=tmp_path / "elsewhere")
+    before = search(settings, [str(query)], SearchOptions(top_k=3))
+    assert before.results[0].path == str(paths[2])
+    paths[2].unlink()
+    after = search(settings, [str(query)], SearchOptions(top_k=3))
+    assert str(paths[2]) not in [r.path for r in after.results]
+    assert len(after.results) == 3 and [r.rank for r in after.results] == [1, 2, 3]
+    assert any("deleted since" in n and str(paths[2]) in n for n in after.notices)
+    # The whole folder gone (an unplugged drive): its results are kept, no notice.
+    photos.rename(tmp_path / "unplugged")
+    away = search(settings, [str(query)], SearchOptions(top_k=3))
+    assert len(away.results) == 3 and not any("deleted since" in n for n in away.notices)
