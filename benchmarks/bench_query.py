@@ -121,8 +121,9 @@ class Bench:
         self.n = n
         self.args = args
         self.folder = args.data / f"query-{n}"
-        self.photos = self.folder / "photos"  # the rows' folder (no files: rclip's cwd)
+        self.photos = self.folder / "photos"  # the rows' folder (rclip's cwd)
         self.photos.mkdir(parents=True, exist_ok=True)
+        self._link_files()
         self.settings = resolve_settings(db=self.folder / "catalogue.sqlite3")
         self.encoder = encoder
         self.images, self.text_q, self.image_q = make_collection(n, args.recall_queries,
@@ -130,6 +131,23 @@ class Bench:
         self.result: dict[str, Any] = {"n": n}
 
     # -- setup ---------------------------------------------------------------------
+    def _link_files(self) -> None:
+        """An (empty) file behind every row, as in a real collection: searches check that
+        their results still exist. Hard links to a few empty files (ext4 allows 65,000 links
+        to one), not an inode each."""
+        done = self.folder / "files-linked.txt"
+        if done.exists() and done.read_text() == str(self.n):
+            return
+        for i, path in enumerate(self.paths(0, self.n)):
+            source = self.folder / f"empty-{i // 60_000}.jpg"
+            if i % 60_000 == 0:
+                source.touch()
+            try:
+                os.link(source, path)
+            except FileExistsError:
+                pass
+        done.write_text(str(self.n))
+
     def paths(self, start: int, stop: int) -> list[str]:
         return [str(self.photos / f"img_{i:07}.jpg") for i in range(start, stop)]
 

@@ -332,26 +332,102 @@ def _passes(row: ImageRow, opts: SearchOptions) -> bool:
     return True
 
 
-def _rank_present(session: _Session, qvec: np.ndarray, opts: SearchOptions, exclude: set[int],
-                  timings: dict[str, float], notices: list[str]) -> list[SearchResult]:
-    """_rank, leaving out files deleted since they were indexed (the next best take their
-    place). A file counts as deleted when it is gone while the folder it was indexed from
-    is there: results on an unplugged drive are kept."""
-    roots = sorted(session.catalogue.roots(), key=len, reverse=True)
-    exclude = set(exclude)
-    gone: list[str] = []
+MAX_DELETED_PER_QUERY = 1000
+"""A search stops looking past deleted files (and says so) after finding this many."""
+
+
+def _rank(session: _Session, qvec: np.ndarray, opts: SearchOptions, exclude: set[int],
+          timings: dict[str, float], notices: list[str]) -> list[SearchResult]:
+    """The top results, leaving out files deleted since they were indexed (the next best
+    take their place). A file counts as deleted when it is gone while the folder it was
+    indexed from is there: results on an unplugged drive are kept."""
+    if opts.top_k <= 0:
+        raise UsageError("--top must be at least 1")
+    cat = session.catalogue
+    filtered = None
+    if _filtered(opts):
+        t0 = time.perf_counter()
+        labelled = cat.ids_with_label(opts.label) if opts.label else None
+        rows = {r.image_id: r for r in cat.images(STATE_INDEXED)
+                if _passes(r, opts) and (labelled is None or r.image_id in labelled)}
+        ids, vecs = cat.vectors_by_ids(list(rows), session.model_id, session.info.dim)
+        filtered = rows, ids, vecs
+        timings["ann"] = time.perf_counter() - t0
+    roots: list[str] | None = None
+    gone: dict[int, str] = {}
+    extra = 0
     while True:
-        results = _rank(session, qvec, opts, exclude, timings)
-        missing = [r for r in results if _deleted(r.path, roots)]
-        if not missing:
+        count = opts.top_k + extra
+        chosen, rows = _ranked(session, qvec, exclude | gone.keys(), count, filtered, timings)
+        t0 = time.perf_counter()
+        present: list[tuple[float, ImageRow]] = []
+        for image_id, score in chosen:
+            row = rows.get(image_id)
+            if row is None:
+                continue
+            if not os.path.lexists(row.path):
+                if roots is None:
+                    roots = sorted(cat.roots(), key=len, reverse=True)
+                if _deleted(row.path, roots):
+                    gone[image_id] = row.path
+                    continue
+            present.append((score, row))
+        timings["check"] = timings.get("check", 0.0) + time.perf_counter() - t0
+        if (len(present) >= opts.top_k or len(chosen) < count
+                or len(gone) >= MAX_DELETED_PER_QUERY):
             break
-        gone += [r.path for r in missing]
-        exclude.update(r.image_id for r in missing)
+        extra = max(2 * extra, opts.top_k)
+    present = present[: opts.top_k]
     if gone:
-        shown = ", ".join(gone[:3]) + (f" and {len(gone) - 3} more" if len(gone) > 3 else "")
-        notices.append(f"left out {len(gone)} file{'' if len(gone) == 1 else 's'} deleted since "
-                       f"the last index run ({shown}); `clipsearch index` updates the catalogue")
-    return results
+        paths = list(gone.values())
+        shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        notices.append(f"left out {len(paths)} file{'' if len(paths) == 1 else 's'} deleted "
+                       f"since the last index run ({shown}); `clipsearch index` updates the "
+                       "catalogue")
+    if opts.margin is not None and present:
+        best = present[0][0]
+        present = [(s, r) for s, r in present if s >= best - opts.margin]
+    if opts.sort == "date":
+        present.sort(key=lambda sr: sr[1].date)
+    elif opts.sort != "score":
+        raise UsageError(f"--sort {opts.sort!r}: use score or date")
+    return [SearchResult(n + 1, s, r.path, r.date, r.image_id, r.format, r.width, r.height)
+            for n, (s, r) in enumerate(present)]
+
+
+def _ranked(session: _Session, qvec: np.ndarray, skip: set[int], count: int,
+            filtered: tuple[dict[int, ImageRow], np.ndarray, np.ndarray] | None,
+            timings: dict[str, float]) -> tuple[list[tuple[int, float]], dict[int, ImageRow]]:
+    """Up to `count` (image_id, exact cosine) best first, none in `skip`, and their rows:
+    from the filtered candidates, else from the index's candidates."""
+    cat = session.catalogue
+    t0 = time.perf_counter()
+    if filtered is not None:
+        rows, ids, vecs = filtered
+    else:
+        vi = session.index()
+        _, cand = search_index(vi, qvec[None], candidate_count(count + len(skip), vi))
+        timings["ann"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cand_ids = [int(i) for i in cand[0] if i >= 0]
+        ids, vecs = cat.vectors_by_ids(cand_ids, session.model_id, session.info.dim)
+        rows = {}
+    scores = vecs @ qvec if len(ids) else np.zeros(0, np.float32)
+    order = np.argsort(-scores, kind="stable")
+    chosen: list[tuple[int, float]] = []
+    for j in order:
+        image_id = int(ids[j])
+        if image_id in skip:
+            continue
+        chosen.append((image_id, float(scores[j])))
+        if len(chosen) >= count:
+            break
+    timings["rerank"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if not rows:
+        rows = cat.images_by_ids([i for i, _ in chosen])
+    timings["lookup"] = time.perf_counter() - t0
+    return chosen, rows
 
 
 def _deleted(path: str, roots: list[str]) -> bool:
@@ -363,58 +439,6 @@ def _deleted(path: str, roots: list[str]) -> bool:
         if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
             return os.path.isdir(root)
     return os.path.isdir(os.path.dirname(path))
-
-
-def _rank(session: _Session, qvec: np.ndarray, opts: SearchOptions, exclude: set[int],
-          timings: dict[str, float]) -> list[SearchResult]:
-    if opts.top_k <= 0:
-        raise UsageError("--top must be at least 1")
-    cat = session.catalogue
-    want = opts.top_k + len(exclude)
-    t0 = time.perf_counter()
-    if _filtered(opts):
-        labelled = cat.ids_with_label(opts.label) if opts.label else None
-        rows = {r.image_id: r for r in cat.images(STATE_INDEXED)
-                if _passes(r, opts) and (labelled is None or r.image_id in labelled)}
-        ids, vecs = cat.vectors_by_ids(list(rows), session.model_id, session.info.dim)
-    else:
-        vi = session.index()
-        _, cand = search_index(vi, qvec[None], candidate_count(want, vi))
-        timings["ann"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        cand_ids = [int(i) for i in cand[0] if i >= 0]
-        ids, vecs = cat.vectors_by_ids(cand_ids, session.model_id, session.info.dim)
-        rows = {}
-    scores = vecs @ qvec if len(ids) else np.zeros(0, np.float32)
-    order = np.argsort(-scores, kind="stable")
-    chosen: list[tuple[int, float]] = []
-    for j in order:
-        image_id = int(ids[j])
-        if image_id in exclude:
-            continue
-        chosen.append((image_id, float(scores[j])))
-        if len(chosen) >= opts.top_k:
-            break
-    if opts.margin is not None and chosen:
-        best = chosen[0][1]
-        chosen = [(i, s) for i, s in chosen if s >= best - opts.margin]
-    timings["rerank"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    if not rows:
-        rows = cat.images_by_ids([i for i, _ in chosen])
-    timings["lookup"] = time.perf_counter() - t0
-    results = [
-        SearchResult(0, s, rows[i].path, rows[i].date, i, rows[i].format, rows[i].width,
-                     rows[i].height)
-        for i, s in chosen
-        if i in rows
-    ]
-    if opts.sort == "date":
-        results.sort(key=lambda r: r.date)
-    elif opts.sort != "score":
-        raise UsageError(f"--sort {opts.sort!r}: use score or date")
-    return [SearchResult(n + 1, r.score, r.path, r.date, r.image_id, r.format, r.width,
-                         r.height) for n, r in enumerate(results)]
 
 
 class Searcher:
@@ -461,7 +485,7 @@ class Searcher:
                 image_id = session.catalogue.image_id_for_path(os.path.abspath(t.image_path))
                 if image_id is not None:
                     exclude.add(image_id)
-        results = _rank_present(session, qvec, opts, exclude, timings, notices)
+        results = _rank(session, qvec, opts, exclude, timings, notices)
         if opts.label and not results and not session.catalogue.ids_with_label(opts.label):
             notices.append(f"no image has the label {opts.label!r}; give it with "
                            "`clipsearch classify --labels ...` first")

@@ -212,3 +212,24 @@ def test_files_deleted_since_indexing_are_left_out_and_the_next_best_take_their_
     photos.rename(tmp_path / "unplugged")
     away = search(settings, [str(query)], SearchOptions(top_k=3))
     assert len(away.results) == 3 and not any("deleted since" in n for n in away.notices)
+
+
+def test_a_search_over_many_deleted_files_stops_looking_and_says_so(
+        settings, make_image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A folder emptied since indexing must not make every search walk the whole catalogue
+    (the first version did, ten results at a time)."""
+    from clipsearch import search as search_module
+
+    monkeypatch.setattr(search_module, "MAX_DELETED_PER_QUERY", 4)
+    paths = [make_image(f"{i}.png", seed=i) for i in range(12)]
+    run_index(settings, [str(tmp_path / "photos")])
+    for p in paths[:10]:
+        p.unlink()
+    resp = search(settings, ["x"], SearchOptions(top_k=2))
+    assert all(r.path in {str(p) for p in paths[10:]} for r in resp.results)
+    assert any("deleted since" in n for n in resp.notices)
+    calls = []
+    real = search_module._ranked
+    monkeypatch.setattr(search_module, "_ranked", lambda *a: calls.append(a[3]) or real(*a))
+    search(settings, ["x"], SearchOptions(top_k=2))
+    assert len(calls) <= 3 and calls == sorted(calls)
