@@ -24,6 +24,7 @@ from clipsearch.errors import CatalogueError, ClipsearchError, ImageError, Model
 from clipsearch.imaging import decode_image
 from clipsearch.vector_index import (
     FILE_LAYOUT,
+    KIND_IVFPQ,
     VectorIndex,
     build_index,
     choose_kind,
@@ -34,6 +35,13 @@ from clipsearch.vector_index import (
     save_index,
     update_index,
     wants_gpu,
+)
+
+from clipsearch.vector_store import (
+    VectorFile,
+    append_vectors,
+    vector_file_path,
+    write_vector_file,
 )
 
 EncoderFactory = Callable[[str | None], Encoder]
@@ -673,6 +681,9 @@ def refresh_index(
         and kind in ("auto", header.get("kind"))
         and tuple(header.get("id_digest") or ()) == (
             known_digest or catalogue.indexed_id_digest(model_id))
+        and (not write or header.get("kind") != KIND_IVFPQ or _vector_file_ok(
+            settings, str(header.get("vector_token", "")), int(header["dim"]),
+            int(header.get("vector_rows", 0))))
     ):
         return str(header["kind"]), int(header["count"])
     vi = ensure_index(catalogue, settings, info, model_id, kind=kind, write=write)
@@ -713,6 +724,8 @@ def ensure_index(
             or id_digest(vi.ids) == catalogue.indexed_id_digest(model_id)
         )
     ):
+        if write:
+            _keep_vector_file(vi, catalogue, settings, info, model_id)
         return vi
     ids_now, fps_now = catalogue.indexed_fingerprints(model_id)
     wanted = choose_kind(ids_now.size) if kind == "auto" else kind
@@ -728,13 +741,59 @@ def ensure_index(
             # compares it as changed and adds it again with its real one.
             add_fps = np.where(ids_now[pos] == add_ids, fps_now[pos], 0) if ids_now.size else (
                 np.zeros(add_ids.size, np.int64))
-            update_index(vi, add_ids, add_vecs, remove, generation, add_fps)
+            add_rows = None
+            if write and vi.kind == KIND_IVFPQ and vi.vector_token and add_ids.size:
+                first = append_vectors(vector_file_path(settings.index_path),
+                                       vi.vector_token, info.dim, add_vecs)
+                if first is not None:
+                    add_rows = np.arange(first, first + add_ids.size)
+            update_index(vi, add_ids, add_vecs, remove, generation, add_fps, add_rows)
             if write:
-                save_index(vi, settings.index_path)
+                if not _keep_vector_file(vi, catalogue, settings, info, model_id):
+                    save_index(vi, settings.index_path)
             return vi
     ids, vecs, fps = catalogue.indexed_vectors_and_fingerprints(model_id, info.dim)
     vi = build_index(ids, vecs, info.key, generation, kind=wanted,
                      use_gpu=wants_gpu(settings.device), fingerprints=fps)
     if write:
+        if vi.kind == KIND_IVFPQ:
+            _write_vector_file(vi, vecs, settings)
+        else:
+            vector_file_path(settings.index_path).unlink(missing_ok=True)
         save_index(vi, settings.index_path)
     return vi
+
+
+def _vector_file_ok(settings: Settings, token: str, dim: int, rows: int) -> bool:
+    vf = VectorFile.open(vector_file_path(settings.index_path), token, dim, rows)
+    if vf is None:
+        return False
+    vf.close()
+    return True
+
+
+def _write_vector_file(vi: VectorIndex, vectors: np.ndarray, settings: Settings) -> None:
+    """A fresh re-rank vector file holding `vectors` (in vi.ids order); on a write error
+    the index keeps no rows (searches read the catalogue instead)."""
+    try:
+        vi.vector_token = write_vector_file(vector_file_path(settings.index_path), vectors)
+        vi.rows = np.arange(vi.ids.size, dtype=np.int64)
+    except OSError:
+        vi.vector_token, vi.rows = "", np.full(vi.ids.size, -1, np.int64)
+
+
+def _keep_vector_file(vi: VectorIndex, catalogue: Catalogue, settings: Settings,
+                      info: ModelInfo, model_id: int) -> bool:
+    """Write the re-rank vector file of an IVF-PQ index anew when it is missing, damaged,
+    foreign or lacks rows (then save the index, which refers to it). True if it did."""
+    assert vi.rows is not None
+    if vi.kind != KIND_IVFPQ or (
+            vi.vector_token and (vi.rows >= 0).all()
+            and _vector_file_ok(settings, vi.vector_token, vi.dim, vi.vector_rows)):
+        return False
+    ids, vecs, _ = catalogue.indexed_vectors_and_fingerprints(model_id, info.dim)
+    if not np.array_equal(ids, vi.ids):  # the catalogue moved on meanwhile: next time
+        return False
+    _write_vector_file(vi, vecs, settings)
+    save_index(vi, settings.index_path)
+    return True

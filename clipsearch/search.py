@@ -29,11 +29,13 @@ from clipsearch.errors import (
 from clipsearch.imaging import decode_file
 from clipsearch.indexer import ensure_index
 
+from clipsearch.vector_index import candidate_count, search_index, to_gpu, wants_gpu
+from clipsearch.vector_store import VectorFile, vector_file_path
+
 SEARCH_VERIFY_IDS_MAX_IMAGES = 200_000
 """Searches re-check the index's id set against the catalogue up to this size (a full scan,
 ~0.2 s at 200k); above it they trust the change counter, and `index`, `status` and `check`
 still compare the ids every time."""
-from clipsearch.vector_index import candidate_count, search_index, to_gpu, wants_gpu
 
 EncoderFactory = Callable[[str | None], Encoder]
 MIN_TERM_WEIGHT = 1e-6
@@ -197,6 +199,7 @@ class _Session:
         self._encoder: Encoder | None = None
         self._text: Any = None
         self._index: Any = None
+        self._vectors: VectorFile | None = None
 
     @property
     def model_label(self) -> str:
@@ -237,6 +240,18 @@ class _Session:
             return self._index
         self._index = self._load_index()
         return self._index
+
+    def vector_file(self, vi: Any) -> VectorFile | None:
+        """The re-rank vector file of this index, if it has a usable one (kept open)."""
+        if not vi.vector_token:
+            return None
+        vf = self._vectors
+        if vf is None or vf.token != vi.vector_token or vf.rows < vi.vector_rows:
+            if vf is not None:
+                vf.close()
+            self._vectors = vf = VectorFile.open(vector_file_path(self.settings.index_path),
+                                                 vi.vector_token, vi.dim, vi.vector_rows)
+        return vf
 
     def _load_index(self):  # type: ignore[no-untyped-def]
         vi = self._load_cpu_index()
@@ -282,6 +297,8 @@ class _Session:
         return enc.encode_images(enc.preprocess(decoded.image)[None])[0]
 
     def close(self) -> None:
+        if self._vectors is not None:
+            self._vectors.close()
         self.catalogue.close()
 
 
@@ -409,8 +426,7 @@ def _ranked(session: _Session, qvec: np.ndarray, skip: set[int], count: int,
         _, cand = search_index(vi, qvec[None], candidate_count(count + len(skip), vi))
         timings["ann"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        cand_ids = [int(i) for i in cand[0] if i >= 0]
-        ids, vecs = cat.vectors_by_ids(cand_ids, session.model_id, session.info.dim)
+        ids, vecs = _candidate_vectors(session, vi, cand[0])
         rows = {}
     scores = vecs @ qvec if len(ids) else np.zeros(0, np.float32)
     order = np.argsort(-scores, kind="stable")
@@ -428,6 +444,31 @@ def _ranked(session: _Session, qvec: np.ndarray, skip: set[int], count: int,
         rows = cat.images_by_ids([i for i, _ in chosen])
     timings["lookup"] = time.perf_counter() - t0
     return chosen, rows
+
+
+def _candidate_vectors(session: _Session, vi: Any, cand: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, exact vectors) of the ANN candidates still indexed: from the re-rank vector
+    file where the index has rows for them, else (and on any read error) the catalogue."""
+    cand = np.asarray(list(dict.fromkeys(int(i) for i in cand if i >= 0)), dtype=np.int64)
+    vf = session.vector_file(vi) if cand.size else None
+    if vf is not None:
+        pos = np.searchsorted(vi.ids, cand).clip(max=max(vi.ids.size - 1, 0))
+        live = cand[vi.ids[pos] == cand]  # dead IVF-PQ entries drop out here
+        rows = vi.rows[pos[vi.ids[pos] == cand]]
+        try:
+            from_file = vf.read_rows(rows[rows >= 0])
+        except OSError:
+            pass
+        else:
+            rest = live[rows < 0]
+            if not rest.size:
+                return live[rows >= 0], from_file
+            ids, vecs = session.catalogue.vectors_by_ids(rest.tolist(), session.model_id,
+                                                         session.info.dim)
+            return (np.concatenate([live[rows >= 0], ids]),
+                    np.concatenate([from_file, vecs]))
+    return session.catalogue.vectors_by_ids(cand.tolist(), session.model_id, session.info.dim)
 
 
 def _deleted(path: str, roots: list[str]) -> bool:

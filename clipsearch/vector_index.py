@@ -6,21 +6,21 @@ import json
 import math
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from clipsearch.atomic_file import write_atomically
 from clipsearch.config import FLAT_INDEX_MAX_IMAGES
 from clipsearch.errors import IndexError_
 
 FILE_MAGIC = b"CLIPSRCHIDX1"
 FILE_LAYOUT = 2
-"""Layout 2 adds a content fingerprint per id (and counts dead IVF-PQ entries): files of
-layout 1 may hold the vectors of files whose content changed under the same image id, so
-they are rebuilt, not trusted."""
+"""Layout 2 adds, per id, a content fingerprint and a row in the re-rank vector file (and
+counts dead IVF-PQ entries): files of layout 1 may hold the vectors of files whose content
+changed under the same image id, so they are rebuilt, not trusted."""
 KIND_FLAT = "flat"
 KIND_IVFPQ = "ivfpq"
 IVF_MIN_POINTS_PER_LIST = 39
@@ -61,10 +61,23 @@ class VectorIndex:
     dead: int = 0
     """IVF-PQ entries whose id left the indexed set or got new content: still in the FAISS
     index (see update_index); searches drop them at the exact re-rank."""
+    rows: np.ndarray | None = None
+    """Per id (same order): its row in the re-rank vector file (vector_store), -1 for none;
+    None reads as all -1."""
+    vector_token: str = ""
+    """The token of the re-rank vector file these rows refer to ("" for none)."""
 
     def __post_init__(self) -> None:
         if self.fingerprints is None:
             self.fingerprints = np.zeros(self.ids.size, np.int64)
+        if self.rows is None:
+            self.rows = np.full(self.ids.size, -1, np.int64)
+
+    @property
+    def vector_rows(self) -> int:
+        """How many rows the re-rank vector file must hold."""
+        assert self.rows is not None
+        return int(self.rows.max()) + 1 if self.rows.size else 0
 
     @property
     def count(self) -> int:
@@ -241,6 +254,7 @@ def update_index(
     remove_ids: np.ndarray,
     generation: int,
     add_fingerprints: np.ndarray | None = None,
+    add_rows: np.ndarray | None = None,
 ) -> None:
     """Apply a delta in place: first the removals, then the additions (an id in both gets
     its new vector); afterwards `vi.ids` is the new id set.
@@ -256,7 +270,9 @@ def update_index(
     add_vectors = np.asarray(add_vectors, dtype=np.float32).reshape(add_ids.size, vi.dim)
     fps = (np.zeros(add_ids.size, np.int64) if add_fingerprints is None
            else np.asarray(add_fingerprints, np.int64))
-    assert vi.fingerprints is not None
+    rows = (np.full(add_ids.size, -1, np.int64) if add_rows is None
+            else np.asarray(add_rows, np.int64))
+    assert vi.fingerprints is not None and vi.rows is not None
     keep = ~np.isin(vi.ids, remove_ids)
     if vi.kind == KIND_IVFPQ:
         vi.dead += int((~keep).sum())
@@ -266,8 +282,9 @@ def update_index(
         vi.index.add_with_ids(np.ascontiguousarray(add_vectors), np.ascontiguousarray(add_ids))
     ids = np.concatenate([vi.ids[keep], add_ids])
     fingerprints = np.concatenate([vi.fingerprints[keep], fps])
+    all_rows = np.concatenate([vi.rows[keep], rows])
     order = np.argsort(ids, kind="stable")
-    vi.ids, vi.fingerprints = ids[order], fingerprints[order]
+    vi.ids, vi.fingerprints, vi.rows = ids[order], fingerprints[order], all_rows[order]
     vi.generation = generation
 
 
@@ -324,37 +341,27 @@ def save_index(vi: VectorIndex, path: Path) -> None:
             "count": vi.count,
             "dead": vi.dead,
             "layout": FILE_LAYOUT,
+            "vector_token": vi.vector_token,
+            "vector_rows": vi.vector_rows,
             "id_digest": list(id_digest(vi.ids)),
             "nprobe": vi.nprobe,
         }
     ).encode()
     blob = faiss.serialize_index(vi.index).tobytes()
-    ids = np.ascontiguousarray(np.concatenate([vi.ids, vi.fingerprints]), dtype="<i8").tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(path.name + ".*.tmp"):  # left by a killed writer
-        try:
-            stale.unlink()
-        except OSError:
-            pass
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    assert vi.fingerprints is not None and vi.rows is not None
+    ids = np.ascontiguousarray(np.concatenate([vi.ids, vi.fingerprints, vi.rows]),
+                               dtype="<i8").tobytes()
+
+    def write(fh: Any) -> None:
+        fh.write(FILE_MAGIC)
+        fh.write(struct.pack("<QQQ", len(header), len(ids), len(blob)))
+        fh.write(header)
+        fh.write(ids)
+        fh.write(blob)
+
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(FILE_MAGIC)
-            fh.write(struct.pack("<QQQ", len(header), len(ids), len(blob)))
-            fh.write(header)
-            fh.write(ids)
-            fh.write(blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an index is as shareable as its db
-        os.replace(tmp, path)
+        write_atomically(path, write)
     except OSError as err:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise IndexError_(f"cannot write index {path}: {err.strerror or err}") from err
 
 
@@ -397,9 +404,9 @@ def load_index(path: Path) -> VectorIndex | None:
         off += hlen
         ids = np.frombuffer(data, dtype="<i8", count=ilen // 8, offset=off).astype(np.int64)
         live, dead = int(header["count"]), int(header["dead"])
-        if ids.size != 2 * live:
+        if ids.size != 3 * live:
             return None
-        ids, fingerprints = ids[:live], ids[live:]
+        ids, fingerprints, rows = ids[:live], ids[live: 2 * live], ids[2 * live:]
         off += ilen
         index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8, offset=off))
         if index.ntotal != live + dead or index.d != header["dim"]:
@@ -416,6 +423,8 @@ def load_index(path: Path) -> VectorIndex | None:
             if header["kind"] == KIND_IVFPQ else int(header.get("nprobe", 1)),
             fingerprints=fingerprints,
             dead=dead,
+            rows=rows,
+            vector_token=str(header.get("vector_token", "")),
         )
     except Exception:  # noqa: BLE001 - any damage means: rebuild from the catalogue
         return None

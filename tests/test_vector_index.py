@@ -322,13 +322,13 @@ def test_index_files_of_the_older_layout_are_rebuilt_not_trusted(tmp_path: Path)
     header = json.loads(data[off + 24: off + 24 + hlen])
     del header["layout"], header["dead"]
     ids = data[off + 24 + hlen: off + 24 + hlen + ilen]
-    ilen //= 2  # layout 1: ids only, no fingerprints
+    ilen //= 3  # layout 1: ids only, no fingerprints nor vector rows
     raw = json.dumps(header).encode()
     path.write_bytes(FILE_MAGIC + struct.pack("<QQQ", len(raw), ilen, blen) + raw
-                     + ids[:ilen] + data[off + 24 + hlen + 2 * ilen:])
+                     + ids[:ilen] + data[off + 24 + hlen + 3 * ilen:])
     assert load_index(path) is None
     header["layout"], header["dead"] = 2, 0  # the same file with today's header loads
     raw = json.dumps(header).encode()
-    path.write_bytes(FILE_MAGIC + struct.pack("<QQQ", len(raw), 2 * ilen, blen) + raw + ids
-                     + data[off + 24 + hlen + 2 * ilen:])
+    path.write_bytes(FILE_MAGIC + struct.pack("<QQQ", len(raw), 3 * ilen, blen) + raw + ids
+                     + data[off + 24 + hlen + 3 * ilen:])
     assert load_index(path) is not None
