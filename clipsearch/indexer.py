@@ -757,7 +757,7 @@ def ensure_index(
                      use_gpu=wants_gpu(settings.device), fingerprints=fps)
     if write:
         if vi.kind == KIND_IVFPQ:
-            _write_vector_file(vi, vecs, settings)
+            write_vector_file_for(vi, vecs, settings)
         else:
             vector_file_path(settings.index_path).unlink(missing_ok=True)
         save_index(vi, settings.index_path)
@@ -772,9 +772,9 @@ def _vector_file_ok(settings: Settings, token: str, dim: int, rows: int) -> bool
     return True
 
 
-def _write_vector_file(vi: VectorIndex, vectors: np.ndarray, settings: Settings) -> None:
-    """A fresh re-rank vector file holding `vectors` (in vi.ids order); on a write error
-    the index keeps no rows (searches read the catalogue instead)."""
+def write_vector_file_for(vi: VectorIndex, vectors: np.ndarray, settings: Settings) -> None:
+    """A fresh re-rank vector file holding `vectors` (in vi.ids order) for an index about
+    to be saved; on a write error the index keeps no rows (searches read the catalogue)."""
     try:
         vi.vector_token = write_vector_file(vector_file_path(settings.index_path), vectors)
         vi.rows = np.arange(vi.ids.size, dtype=np.int64)
@@ -794,6 +794,6 @@ def _keep_vector_file(vi: VectorIndex, catalogue: Catalogue, settings: Settings,
     ids, vecs, _ = catalogue.indexed_vectors_and_fingerprints(model_id, info.dim)
     if not np.array_equal(ids, vi.ids):  # the catalogue moved on meanwhile: next time
         return False
-    _write_vector_file(vi, vecs, settings)
+    write_vector_file_for(vi, vecs, settings)
     save_index(vi, settings.index_path)
     return True
