@@ -14,7 +14,14 @@ from clipsearch.config import Settings
 from clipsearch.encoder import ModelInfo
 from clipsearch.errors import CatalogueDamagedError
 from clipsearch.imaging import codec_support
-from clipsearch.vector_index import FILE_LAYOUT, index_delta, load_index, read_index_header
+from clipsearch.vector_index import (
+    FILE_LAYOUT,
+    KIND_IVFPQ,
+    index_delta,
+    load_index,
+    read_index_header,
+)
+from clipsearch.vector_store import vector_file_path, vector_file_usable
 
 INTEGRITY_LINES_SHOWN = 3
 
@@ -156,6 +163,15 @@ def _check(settings: Settings, report: CheckReport, repair: bool) -> None:
             report.problems.append(
                 f"index is stale: {vi.count} vectors, catalogue has {report.indexed}"
             )
+        elif vi.kind == KIND_IVFPQ and (
+                vi.rows is None or (vi.rows < 0).any() or not vector_file_usable(
+                    vector_file_path(settings.index_path), vi.vector_token, vi.dim,
+                    vi.vector_rows)):
+            index_bad = True
+            report.problems.append(
+                f"re-rank vector file {vector_file_path(settings.index_path)} is missing, "
+                "damaged or incomplete (searches read the catalogue instead; the next index "
+                "run rewrites it)")
         if not repair or not report.problems:
             return
         if cat.readonly:

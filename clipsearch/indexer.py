@@ -38,9 +38,9 @@ from clipsearch.vector_index import (
 )
 
 from clipsearch.vector_store import (
-    VectorFile,
     append_vectors,
     vector_file_path,
+    vector_file_usable,
     write_vector_file,
 )
 
@@ -765,11 +765,7 @@ def ensure_index(
 
 
 def _vector_file_ok(settings: Settings, token: str, dim: int, rows: int) -> bool:
-    vf = VectorFile.open(vector_file_path(settings.index_path), token, dim, rows)
-    if vf is None:
-        return False
-    vf.close()
-    return True
+    return vector_file_usable(vector_file_path(settings.index_path), token, dim, rows)
 
 
 def write_vector_file_for(vi: VectorIndex, vectors: np.ndarray, settings: Settings) -> None:

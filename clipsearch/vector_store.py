@@ -149,3 +149,12 @@ class VectorFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def vector_file_usable(path: Path, token: str, dim: int, rows_needed: int) -> bool:
+    """Whether VectorFile.open would give this file (checked, then closed)."""
+    vf = VectorFile.open(path, token, dim, rows_needed)
+    if vf is None:
+        return False
+    vf.close()
+    return True

@@ -177,3 +177,19 @@ def test_a_flat_index_keeps_no_vector_file(settings, make_image, tmp_path: Path)
     header = json.loads(settings.index_path.read_bytes()[len(b"CLIPSRCHIDX1") + 24:].split(
         b"}", 1)[0] + b"}")
     assert header["vector_token"] == ""
+
+
+def test_check_names_a_missing_vector_file_and_repair_writes_it(
+        settings, tiny_model: str, ivfpq) -> None:  # type: ignore[no-untyped-def]
+    from clipsearch.doctor import check_catalogue
+    from clipsearch.search import Searcher
+
+    _ivfpq_catalogue(settings, tiny_model)
+    with Searcher(settings) as searcher:
+        searcher.search(["warm up"])
+    assert not [p for p in check_catalogue(settings).problems if "vector file" in p]
+    vector_file_path(settings.index_path).write_bytes(b"junk")
+    report = check_catalogue(settings)
+    assert any("re-rank vector file" in p for p in report.problems)
+    assert check_catalogue(settings, repair=True).repaired
+    assert not [p for p in check_catalogue(settings).problems if "vector file" in p]
