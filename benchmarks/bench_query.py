@@ -129,7 +129,6 @@ class Bench:
         self.images, self.text_q, self.image_q = make_collection(n, args.recall_queries,
                                                                  seed=n)
         self.result: dict[str, Any] = {"n": n}
-        self.warm_samples: dict[str, dict[str, list[float]]] = {}
 
     # -- setup ---------------------------------------------------------------------
     def _link_files(self) -> None:
@@ -262,19 +261,14 @@ class Bench:
                                          else 0),
             numpy_ram_bytes_per_image=self.images.nbytes / self.n)
 
-    def warm(self, text_precision: str = "fp32") -> None:
+    def warm(self) -> None:
         """`Searcher.search()`: the library's call for a long-lived caller (catalogue, text
-        tower and index loaded once), split into the stages it reports. With "bf16" the text
-        tower multiplies in bf16 through torch (Searcher(text_precision="bf16"))."""
+        tower and index loaded once), split into the stages it reports."""
         from clipsearch.search import SearchOptions, Searcher
 
-        names = {"embed": "text", "ann": "ann", "rerank": "rerank", "lookup": "lookup",
-                 "check": "check"}
-        prefix = "warm" if text_precision == "fp32" else f"warm_{text_precision}"
-        # Runs of the same kind pool their samples (A B A: fp32, bf16, fp32 again).
-        stages: dict[str, list[float]] = self.warm_samples.setdefault(
-            prefix, {s: [] for s in (*names.values(), "total")})
-        with Searcher(self.settings, text_precision=text_precision) as searcher:
+        names = {"embed": "text", "ann": "ann", "rerank": "rerank", "lookup": "lookup"}
+        stages: dict[str, list[float]] = {s: [] for s in (*names.values(), "total")}
+        with Searcher(self.settings) as searcher:
             for text in QUERY_TEXTS[:3]:  # loads the text tower and index, warms caches
                 searcher.search([text], SearchOptions(top_k=K))
             for text in QUERY_TEXTS[: self.args.queries]:
@@ -283,11 +277,11 @@ class Bench:
                 total = time.perf_counter() - t
                 assert len(resp.results) == K
                 for key, name in names.items():
-                    stages[name].append(resp.timings.get(key, 0.0) * 1000)
+                    stages[name].append(resp.timings[key] * 1000)
                 stages["total"].append(total * 1000)
         for name, values in stages.items():
-            self.result[f"{prefix}_{name}_p50_ms"] = statistics.median(values)
-            self.result[f"{prefix}_{name}_p95_ms"] = pct(values, 95)
+            self.result[f"warm_{name}_p50_ms"] = statistics.median(values)
+            self.result[f"warm_{name}_p95_ms"] = pct(values, 95)
 
     def library_call(self, n_calls: int) -> None:
         """`clipsearch.search.search()` as one call: opens the catalogue, loads index and
@@ -453,10 +447,6 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         ("  ANN search p50 ms", lambda r: f(r, "warm_ann_p50_ms", "{:.2f}")),
         ("  re-rank p50 ms", lambda r: f(r, "warm_rerank_p50_ms", "{:.2f}")),
         ("  catalogue lookup p50 ms", lambda r: f(r, "warm_lookup_p50_ms", "{:.2f}")),
-        ("  result files check p50 ms", lambda r: f(r, "warm_check_p50_ms", "{:.2f}")),
-        ("warm, bf16 text tower: p50 total ms", lambda r: f(r, "warm_bf16_total_p50_ms")),
-        ("warm, bf16 text tower: p95 total ms", lambda r: f(r, "warm_bf16_total_p95_ms")),
-        ("  text encoding (bf16) p50 ms", lambda r: f(r, "warm_bf16_text_p50_ms")),
         ("search() library call p50 ms", lambda r: f(r, "search_call_p50_ms")),
         ("numpy exact scan p50 ms (no text)", lambda r: f(r, "numpy_scan_p50_ms", "{:.2f}")),
         ("rclip in-process p50 ms", lambda r: f(r, "rclip_in_process_p50_ms", "{:.0f}")),
@@ -528,8 +518,6 @@ def main() -> None:
         b.sizes()
         b.recall(model_text)
         b.warm()
-        b.warm("bf16")
-        b.warm()  # A B A: the fp32 figures pool both fp32 runs' queries
         b.library_call(args.library_calls)
         b.numpy_scan(b.text_q[:50])
         datadir = b.rclip_setup(model_root) if model_root is not None else None

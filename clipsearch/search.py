@@ -169,11 +169,7 @@ def parse_date(text: str | None, end: bool = False) -> float | None:
 class _Session:
     """A catalogue, its model and (lazily) the encoder and the index, for one query."""
 
-    def __init__(self, settings: Settings, factory: EncoderFactory | None,
-                 text_precision: str = "fp32") -> None:
-        if text_precision not in ("fp32", "bf16", "auto"):
-            raise UsageError(f"text precision {text_precision!r}: use fp32, bf16 or auto")
-        self.text_precision = text_precision
+    def __init__(self, settings: Settings, factory: EncoderFactory | None) -> None:
         self.settings = settings
         self.factory = factory or (lambda spec: load_encoder(spec, settings.device))
         self.catalogue = Catalogue(settings.db_path, create=False)
@@ -235,11 +231,6 @@ class _Session:
 
             raw = self.catalogue.get_meta(FAST_TEXT_META + self.info.key)
             fast = load_fast_text_encoder(json.loads(raw)) if raw else None
-            if fast is not None and self.text_precision != "fp32":
-                from clipsearch.encoder import cpu_has_fast_bf16
-
-                if self.text_precision == "bf16" or cpu_has_fast_bf16():
-                    fast.use_bf16_matmuls()
             self._text = fast if fast is not None else self.encoder()
         return self._text
 
@@ -494,17 +485,11 @@ def _deleted(path: str, roots: list[str]) -> bool:
 class Searcher:
     """A catalogue opened once for many queries: the text encoder (and the model, if an image
     query needs it) and the index stay loaded between calls; the index is reloaded when the
-    catalogue changes. `search()` and `similar()` are one-query uses of it.
+    catalogue changes. `search()` and `similar()` are one-query uses of it."""
 
-    `text_precision`: "fp32" (default) encodes text queries with the numpy tower, which
-    starts fast; "bf16" multiplies its weights in bf16 through torch (imports torch once,
-    about 2 s; then a ViT-B-32 text query takes about a third of the time on CPUs with
-    AVX512-BF16 or AMX), for callers that keep the Searcher for many queries; "auto" picks
-    bf16 on such CPUs."""
-
-    def __init__(self, settings: Settings, encoder_factory: EncoderFactory | None = None,
-                 text_precision: str = "fp32") -> None:
-        self._session = _Session(settings, encoder_factory, text_precision)
+    def __init__(self, settings: Settings, encoder_factory: EncoderFactory | None = None
+                 ) -> None:
+        self._session = _Session(settings, encoder_factory)
 
     def __enter__(self) -> Searcher:
         return self

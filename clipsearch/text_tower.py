@@ -263,28 +263,6 @@ class _NumpyTower:
         self.weights_file = weights_file
         self._kind, self._build = kind, build
         self.w = cached_arrays(weights_file, kind, build)
-        self._bf16: dict[str, Any] | None = None
-
-    def use_bf16_matmuls(self) -> bool:
-        """Multiply by the matmul weights in bf16 through torch from now on (imports torch:
-        ~2 s once, for a long-lived caller). A query is bound by reading the weights (about
-        150 MB per query in float32 for ViT-B-32's tower): bf16 halves that, and torch runs
-        them natively on AVX512-BF16/AMX cores. Vectors agree with float32 to a cosine of
-        about 0.9999. False (nothing changes) for a tower without CLIP's matmul weights."""
-        import torch
-
-        self._bf16 = {k: torch.from_numpy(np.ascontiguousarray(v)).to(torch.bfloat16)
-                      for k, v in self.w.items() if k.endswith(_MATMUL_WEIGHTS)} or None
-        return self._bf16 is not None
-
-    def _mm(self, h: np.ndarray, name: str) -> np.ndarray:
-        """h @ w[name] (a matmul weight stored (in, out)), in bf16 after use_bf16_matmuls."""
-        if self._bf16 is None:
-            return h @ self.w[name]
-        import torch
-
-        t = torch.from_numpy(np.ascontiguousarray(h, dtype=np.float32)).to(torch.bfloat16)
-        return (t @ self._bf16[name]).float().numpy()
 
     @property
     def logit_scale(self) -> float:
@@ -333,7 +311,7 @@ class NumpyTextEncoder(_NumpyTower):
         for i in range(self.tower["layers"]):
             b = f"transformer.resblocks.{i}."
             h = _layer_norm(x, w[b + "ln_1.weight"], w[b + "ln_1.bias"])
-            qkv = self._mm(h, b + "attn.in_proj_weight") + w[b + "attn.in_proj_bias"]
+            qkv = h @ w[b + "attn.in_proj_weight"] + w[b + "attn.in_proj_bias"]
             q, k, v = np.split(qkv, 3, axis=-1)
             bsz, n, d = q.shape
             hd = d // heads
@@ -346,10 +324,10 @@ class NumpyTextEncoder(_NumpyTower):
             att = np.exp(att - att.max(-1, keepdims=True))
             att /= att.sum(-1, keepdims=True)
             o = (att @ v).transpose(0, 2, 1, 3).reshape(bsz, n, d)
-            x = x + self._mm(o, b + "attn.out_proj.weight") + w[b + "attn.out_proj.bias"]
+            x = x + o @ w[b + "attn.out_proj.weight"] + w[b + "attn.out_proj.bias"]
             h = _layer_norm(x, w[b + "ln_2.weight"], w[b + "ln_2.bias"])
-            h = act(self._mm(h, b + "mlp.c_fc.weight") + w[b + "mlp.c_fc.bias"])
-            x = x + self._mm(h, b + "mlp.c_proj.weight") + w[b + "mlp.c_proj.bias"]
+            h = act(h @ w[b + "mlp.c_fc.weight"] + w[b + "mlp.c_fc.bias"])
+            x = x + h @ w[b + "mlp.c_proj.weight"] + w[b + "mlp.c_proj.bias"]
         x = _layer_norm(x, w["ln_final.weight"], w["ln_final.bias"])
         pooled = x[np.arange(len(texts)), tokens.argmax(-1)]
         if "text_projection" in w:

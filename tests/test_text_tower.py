@@ -113,32 +113,3 @@ def test_numpy_text_towers_compute_in_float32(tiny_encoder, tmp_path: Path) -> N
     out = fast.encode_texts(["a dog on a beach"])
     assert out.dtype == np.float32 and _DtypeSpy.seen
     assert set(_DtypeSpy.seen) <= {"float32", "int64"}, set(_DtypeSpy.seen)
-
-
-def test_bf16_matmuls_give_the_same_vectors_to_bf16_precision(tiny_encoder) -> None:  # type: ignore[no-untyped-def]
-    assert tiny_encoder.text_tower is not None
-    fast = NumpyTextEncoder(tiny_encoder.weights_file, tiny_encoder.text_tower)
-    ref = fast.encode_texts(TEXTS)
-    assert fast.use_bf16_matmuls()
-    got = fast.encode_texts(TEXTS)
-    assert not np.array_equal(got, ref)  # the bf16 path really ran
-    assert np.min(np.sum(got * ref, axis=1)) > 0.995
-
-
-def test_a_searcher_with_bf16_text_finds_what_fp32_finds(settings, make_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from clipsearch.errors import UsageError
-    from clipsearch.indexer import run_index
-    from clipsearch.search import SearchOptions, Searcher
-
-    for i in range(8):
-        make_image(f"{i}.png", seed=i)
-    run_index(settings, [str(tmp_path / "photos")])
-    queries = ["a red square", "blue", "a dog on a beach"]
-    with Searcher(settings) as fp32, Searcher(settings, text_precision="bf16") as bf16:
-        for q in queries:
-            a = fp32.search([q], SearchOptions(top_k=3)).results
-            b = bf16.search([q], SearchOptions(top_k=3)).results
-            assert a[0].path == b[0].path and abs(a[0].score - b[0].score) < 0.02
-        assert bf16._session.text_encoder()._bf16 is not None
-    with pytest.raises(UsageError):
-        Searcher(settings, text_precision="int4")
