@@ -266,7 +266,8 @@ class Bench:
         tower and index loaded once), split into the stages it reports."""
         from clipsearch.search import SearchOptions, Searcher
 
-        names = {"embed": "text", "ann": "ann", "rerank": "rerank", "lookup": "lookup"}
+        names = {"embed": "text", "ann": "ann", "rerank": "rerank", "lookup": "lookup",
+                 "check": "check"}
         stages: dict[str, list[float]] = {s: [] for s in (*names.values(), "total")}
         with Searcher(self.settings) as searcher:
             for text in QUERY_TEXTS[:3]:  # loads the text tower and index, warms caches
@@ -277,7 +278,7 @@ class Bench:
                 total = time.perf_counter() - t
                 assert len(resp.results) == K
                 for key, name in names.items():
-                    stages[name].append(resp.timings[key] * 1000)
+                    stages[name].append(resp.timings.get(key, 0.0) * 1000)
                 stages["total"].append(total * 1000)
         for name, values in stages.items():
             self.result[f"warm_{name}_p50_ms"] = statistics.median(values)
@@ -447,6 +448,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         ("  ANN search p50 ms", lambda r: f(r, "warm_ann_p50_ms", "{:.2f}")),
         ("  re-rank p50 ms", lambda r: f(r, "warm_rerank_p50_ms", "{:.2f}")),
         ("  catalogue lookup p50 ms", lambda r: f(r, "warm_lookup_p50_ms", "{:.2f}")),
+        ("  result files check p50 ms", lambda r: f(r, "warm_check_p50_ms", "{:.2f}")),
         ("search() library call p50 ms", lambda r: f(r, "search_call_p50_ms")),
         ("numpy exact scan p50 ms (no text)", lambda r: f(r, "numpy_scan_p50_ms", "{:.2f}")),
         ("rclip in-process p50 ms", lambda r: f(r, "rclip_in_process_p50_ms", "{:.0f}")),
