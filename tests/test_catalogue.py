@@ -192,7 +192,8 @@ def test_damage_in_the_middle_is_a_catalogue_error_naming_the_file(tmp_path: Pat
         assert model is not None
         for read in (lambda: list(cat.images()), lambda: cat.indexed_vectors(model.id, 64),
                      lambda: cat.indexed_ids(model.id), cat.count_by_state, cat.failures,
-                     lambda: cat.indexed_id_digest(model.id)):
+                     lambda: cat.indexed_id_digest(model.id),
+                     lambda: cat.indexed_fingerprints(model.id)):
             try:
                 read()
             except CatalogueDamagedError as err:  # never a raw sqlite/SQLAlchemy error
