@@ -135,6 +135,8 @@ def search_results(resp: SearchResponse, fmt: str, nul: bool = False) -> None:
 
     for n in resp.notices:
         notice(n)
+    if not resp.results and fmt != "table":
+        err.print("no results")  # stdout stays empty for the pipe
     if fmt == "json":
         for r in resp.results:
             sys.stdout.write(

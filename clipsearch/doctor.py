@@ -119,22 +119,28 @@ def _check(settings: Settings, report: CheckReport, repair: bool) -> None:
             report.problems.append(
                 f"{pending} images wait to be encoded (run `clipsearch index` again)"
             )
-        vanished = []
+        vanished: list[int] = []
+        vanished_paths: list[str] = []
         changed = []
         for row in indexed_rows:
             try:
                 st = os.stat(row.path)
             except FileNotFoundError:
                 vanished.append(row.image_id)
+                vanished_paths.append(row.path)
                 continue
             except OSError:
                 continue
             if st.st_size != row.size or st.st_mtime_ns != row.mtime_ns:
                 changed.append(row.path)
         if vanished:
+            shown = ", ".join(vanished_paths[:3]) + (
+                f" and {len(vanished) - 3} more" if len(vanished) > 3 else "")
             report.problems.append(f"{len(vanished)} indexed file"
                                    + (" no longer exists" if len(vanished) == 1
-                                      else "s no longer exist"))
+                                      else "s no longer exist")
+                                   + f" ({shown}; `clipsearch index` or `check --repair` "
+                                   "marks them missing)")
         if changed:
             report.problems.append(
                 f"{len(changed)} file{'' if len(changed) == 1 else 's'} changed since indexing "
@@ -190,7 +196,8 @@ def _check(settings: Settings, report: CheckReport, repair: bool) -> None:
                 )
             dropped = cat.drop_orphan_embeddings()
             if dropped:
-                report.repaired.append(f"dropped {dropped} vectors no file uses")
+                report.repaired.append(f"dropped {dropped} vector{'' if dropped == 1 else 's'} "
+                                       "no file uses")
             if index_bad or vanished or without_vector:
                 rebuilt = ensure_index(cat, settings, info, model.id, write=True, rebuild=True)
                 report.repaired.append(

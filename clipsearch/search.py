@@ -372,6 +372,7 @@ def _rank(session: _Session, qvec: np.ndarray, opts: SearchOptions, exclude: set
         timings["ann"] = time.perf_counter() - t0
     roots: list[str] | None = None
     gone: dict[int, str] = {}
+    changed: list[str] = []
     extra = 0
     while True:
         count = opts.top_k + extra
@@ -382,12 +383,17 @@ def _rank(session: _Session, qvec: np.ndarray, opts: SearchOptions, exclude: set
             row = rows.get(image_id)
             if row is None:
                 continue
-            if not os.path.lexists(row.path):
+            try:
+                st = os.stat(row.path)
+            except OSError:
                 if roots is None:
                     roots = sorted(cat.roots(), key=len, reverse=True)
                 if _deleted(row.path, roots):
                     gone[image_id] = row.path
                     continue
+            else:
+                if (st.st_size, st.st_mtime_ns) != (row.size, row.mtime_ns):
+                    changed.append(row.path)
             present.append((score, row))
         timings["check"] = timings.get("check", 0.0) + time.perf_counter() - t0
         if (len(present) >= opts.top_k or len(chosen) < count
@@ -395,6 +401,14 @@ def _rank(session: _Session, qvec: np.ndarray, opts: SearchOptions, exclude: set
             break
         extra = max(2 * extra, opts.top_k)
     present = present[: opts.top_k]
+    shown_paths = {r.path for _, r in present}
+    changed = [p for p in dict.fromkeys(changed) if p in shown_paths]
+    if changed:
+        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more"
+                                          if len(changed) > 3 else "")
+        notices.append(f"{len(changed)} result{'' if len(changed) == 1 else 's'} changed since "
+                       f"the last index run ({shown}): ranked by the old content until "
+                       "`clipsearch index` runs")
     if gone:
         paths = list(gone.values())
         shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")

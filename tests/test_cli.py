@@ -343,3 +343,12 @@ def test_a_reader_that_stops_early_ends_search_by_sigpipe_not_an_error(
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == -signal.SIGPIPE, err
     assert "Traceback" not in err and "error" not in err.lower()
+
+
+@pytest.mark.parametrize("mode", [[], ["--json"], ["--paths"]])
+def test_no_results_is_said_on_stderr_in_every_output_mode(indexed_db: Path, mode: list[str]
+                                                           ) -> None:
+    res = runner.invoke(app, ["search", "x", "--db", str(indexed_db), "--until", "1971",
+                              *mode])
+    assert res.exit_code == 0, res.output
+    assert res.stdout == "" and "no results" in res.stderr

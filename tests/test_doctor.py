@@ -27,7 +27,8 @@ def test_vanished_file_and_damaged_index_are_found_and_repaired(settings, make_i
     settings.index_path.write_bytes(b"junk")
     report = check_catalogue(settings)
     assert not report.ok
-    assert any("no longer exist" in p for p in report.problems)
+    assert any("no longer exist" in p and str(gone) in p and "--repair" in p
+               for p in report.problems)
     assert any("is damaged" in p for p in report.problems)
     fixed = check_catalogue(settings, repair=True)
     assert fixed.repaired

@@ -233,3 +233,14 @@ def test_a_search_over_many_deleted_files_stops_looking_and_says_so(
     monkeypatch.setattr(search_module, "_ranked", lambda *a: calls.append(a[3]) or real(*a))
     search(settings, ["x"], SearchOptions(top_k=2))
     assert len(calls) <= 3 and calls == sorted(calls)
+
+
+def test_results_changed_since_indexing_are_flagged(settings, make_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Until the next index run an edited file is ranked by its old content: say so."""
+    paths = [make_image(f"{i}.png", seed=i) for i in range(3)]
+    run_index(settings, [str(tmp_path / "photos")])
+    assert not search(settings, ["x"]).notices
+    make_image("1.png", seed=30)
+    os.utime(paths[1], ns=(1, 1_000_000_000))
+    notices = search(settings, ["x"]).notices
+    assert any("changed since the last index run" in n and str(paths[1]) in n for n in notices)
