@@ -744,9 +744,10 @@ def ensure_index(
             add_rows = None
             if write and vi.kind == KIND_IVFPQ and vi.vector_token and add_ids.size:
                 first = append_vectors(vector_file_path(settings.index_path),
-                                       vi.vector_token, info.dim, add_vecs)
+                                       vi.vector_token, info.dim, add_vecs, vi.vector_rows)
                 if first is not None:
                     add_rows = np.arange(first, first + add_ids.size)
+                    vi.vector_rows = first + add_ids.size
             update_index(vi, add_ids, add_vecs, remove, generation, add_fps, add_rows)
             if write:
                 if not _keep_vector_file(vi, catalogue, settings, info, model_id):
@@ -774,8 +775,10 @@ def write_vector_file_for(vi: VectorIndex, vectors: np.ndarray, settings: Settin
     try:
         vi.vector_token = write_vector_file(vector_file_path(settings.index_path), vectors)
         vi.rows = np.arange(vi.ids.size, dtype=np.int64)
+        vi.vector_rows = vi.ids.size
     except OSError:
         vi.vector_token, vi.rows = "", np.full(vi.ids.size, -1, np.int64)
+        vi.vector_rows = 0
 
 
 def _keep_vector_file(vi: VectorIndex, catalogue: Catalogue, settings: Settings,

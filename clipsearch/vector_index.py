@@ -66,18 +66,15 @@ class VectorIndex:
     None reads as all -1."""
     vector_token: str = ""
     """The token of the re-rank vector file these rows refer to ("" for none)."""
+    vector_rows: int = 0
+    """Rows the vector file held when this index was made: rows below it may be in use (by
+    this or an older index), rows past it are not (vector_store.append_vectors)."""
 
     def __post_init__(self) -> None:
         if self.fingerprints is None:
             self.fingerprints = np.zeros(self.ids.size, np.int64)
         if self.rows is None:
             self.rows = np.full(self.ids.size, -1, np.int64)
-
-    @property
-    def vector_rows(self) -> int:
-        """How many rows the re-rank vector file must hold."""
-        assert self.rows is not None
-        return int(self.rows.max()) + 1 if self.rows.size else 0
 
     @property
     def count(self) -> int:
@@ -425,6 +422,7 @@ def load_index(path: Path) -> VectorIndex | None:
             dead=dead,
             rows=rows,
             vector_token=str(header.get("vector_token", "")),
+            vector_rows=int(header.get("vector_rows", 0)),
         )
     except Exception:  # noqa: BLE001 - any damage means: rebuild from the catalogue
         return None

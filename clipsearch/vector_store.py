@@ -58,9 +58,14 @@ def write_vector_file(path: Path, vectors: np.ndarray) -> str:
     return token
 
 
-def append_vectors(path: Path, token: str, dim: int, vectors: np.ndarray) -> int | None:
-    """Append rows to the file with this token; returns the first new row number, or None
-    (nothing written) when the file is missing, foreign or not whole."""
+def append_vectors(path: Path, token: str, dim: int, vectors: np.ndarray, rows_held: int
+                   ) -> int | None:
+    """Append rows after the `rows_held` rows the file had when the index was saved (the
+    index's vector_rows), in the file with this token; returns the first new row number
+    (rows_held), or None (nothing written) when the file is missing, foreign or holds fewer
+    rows: appending at its end would give new vectors the row numbers of others. Rows past
+    rows_held, left by a run that could not save its index, no saved index refers to: they
+    are cut off first, so failed saves do not grow the file."""
     vectors = np.ascontiguousarray(vectors, dtype="<f4").reshape(-1, dim)
     try:
         fd = os.open(path, os.O_RDWR)
@@ -68,15 +73,17 @@ def append_vectors(path: Path, token: str, dim: int, vectors: np.ndarray) -> int
         return None
     try:
         rows = _valid_rows(fd, token, dim)
-        if rows is None:
+        if rows is None or rows < rows_held:
             return None
-        end = DATA_OFFSET + rows * dim * 4
+        end = DATA_OFFSET + rows_held * dim * 4
+        if rows > rows_held:
+            os.ftruncate(fd, end)
         os.lseek(fd, end, os.SEEK_SET)
         with os.fdopen(os.dup(fd), "wb") as fh:
             fh.write(vectors.data.cast("B"))
             fh.flush()
             os.fsync(fh.fileno())
-        return rows
+        return rows_held
     except OSError:
         return None
     finally:

@@ -25,11 +25,31 @@ def test_rows_written_and_appended_read_back_exactly(tmp_path: Path) -> None:
     first, more = rng.normal(size=(5, 8)).astype(np.float32), rng.normal(size=(3, 8))
     path = tmp_path / "c.vectors"
     token = write_vector_file(path, first)
-    assert append_vectors(path, token, 8, more) == 5
+    assert append_vectors(path, token, 8, more, rows_held=5) == 5
     vf = VectorFile.open(path, token, 8, rows_needed=8)
     assert vf is not None
     np.testing.assert_array_equal(vf.read_rows(np.array([6, 0, 4])),
                                   np.stack([more[1], first[0], first[4]]).astype(np.float32))
+    vf.close()
+
+
+def test_appends_never_reuse_rows_an_index_may_refer_to(tmp_path: Path) -> None:
+    """A file with fewer rows than the index recorded (cut short, or an older copy restored)
+    got the new vectors at its end: on rows other images still used."""
+    path = tmp_path / "c.vectors"
+    token = write_vector_file(path, np.arange(40, dtype=np.float32).reshape(5, 8))
+    data = path.read_bytes()
+    path.write_bytes(data[: DATA_OFFSET + 3 * 32])  # two rows lost
+    assert append_vectors(path, token, 8, np.ones((1, 8)), rows_held=5) is None
+    assert path.stat().st_size == DATA_OFFSET + 3 * 32  # nothing written
+    # Rows past what the saved index recorded (a run whose index save failed) are reused.
+    path.write_bytes(data)
+    assert append_vectors(path, token, 8, np.ones((2, 8)), rows_held=5) == 5
+    assert append_vectors(path, token, 8, np.full((1, 8), 7.0), rows_held=5) == 5
+    vf = VectorFile.open(path, token, 8, 6)
+    assert vf is not None and vf.rows == 6
+    np.testing.assert_array_equal(vf.read_rows(np.array([4, 5])),
+                                  [np.arange(32, 40), np.full(8, 7.0)])
     vf.close()
 
 
@@ -39,7 +59,7 @@ def test_a_foreign_short_or_damaged_file_is_not_used(tmp_path: Path) -> None:
     assert VectorFile.open(path, "another", 8, 4) is None
     assert VectorFile.open(path, token, 16, 1) is None  # another dimension
     assert VectorFile.open(path, token, 8, 5) is None  # the index needs a row it lacks
-    assert append_vectors(path, "another", 8, np.ones((1, 8))) is None
+    assert append_vectors(path, "another", 8, np.ones((1, 8)), 4) is None
     data = path.read_bytes()
     path.write_bytes(data[: DATA_OFFSET + 3 * 32 + 5])  # cut inside row 3
     vf = VectorFile.open(path, token, 8, 3)
@@ -193,3 +213,31 @@ def test_check_names_a_missing_vector_file_and_repair_writes_it(
     assert any("re-rank vector file" in p for p in report.problems)
     assert check_catalogue(settings, repair=True).repaired
     assert not [p for p in check_catalogue(settings).problems if "vector file" in p]
+
+
+def test_an_update_over_a_cut_short_vector_file_keeps_every_image_its_own_vector(
+        settings, tiny_model: str, ivfpq) -> None:  # type: ignore[no-untyped-def]
+    """The breaker's case: rows lost at the end of the file, then new images: their vectors
+    went onto rows older images still used, and `similar` found the wrong files."""
+    from clipsearch.catalogue.store import Catalogue
+    from clipsearch.search import Searcher
+
+    _, vecs = _ivfpq_catalogue(settings, tiny_model, n=1000)
+    with Searcher(settings) as searcher:
+        searcher.search(["warm up"])
+    path = vector_file_path(settings.index_path)
+    with open(path, "r+b") as fh:
+        fh.truncate(path.stat().st_size - 10 * vecs.shape[1] * 4)
+    rng = np.random.default_rng(3)
+    new = rng.normal(size=(20, vecs.shape[1])).astype(np.float32)
+    new /= np.linalg.norm(new, axis=1, keepdims=True)
+    with Catalogue(settings.db_path) as cat:
+        model = cat.active_model()
+        assert model is not None
+        _write_rows(cat, model.id, new, len(vecs))
+    everything = np.concatenate([vecs, new])
+    with Searcher(settings) as searcher:
+        searcher.search(["update"])
+        for i in (5, 994, 999, 1000, 1019):
+            hit = _search_vector(searcher, everything[i])
+            assert hit.path == f"/nowhere/{i:05d}.jpg" and hit.score == pytest.approx(1.0)
