@@ -78,8 +78,8 @@ def _settings(db: Path | None, model: str | None = None, device: str | None = No
               batch_size: int | None = None, workers: int | None = None) -> Any:
     from clipsearch.config import resolve_settings
 
-    return resolve_settings(db=db, model=model, device=device, batch_size=batch_size,
-                            workers=workers)
+    return _run(lambda: resolve_settings(db=db, model=model, device=device,
+                                         batch_size=batch_size, workers=workers), False)
 
 
 @app.command()

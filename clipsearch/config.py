@@ -40,7 +40,9 @@ class Settings:
 
     @property
     def index_path(self) -> Path:
-        return self.db_path.with_name(self.db_path.stem + ".faiss")
+        """The FAISS index beside the catalogue: its whole name plus .faiss (catalogues
+        p.db and p.sqlite3 in one folder shared p.faiss when the stem was used)."""
+        return self.db_path.with_name(self.db_path.name + ".faiss")
 
     @property
     def lock_path(self) -> Path:
@@ -50,6 +52,10 @@ class Settings:
 def _env(name: str) -> str | None:
     value = os.environ.get(ENV_PREFIX + name)
     return value if value else None
+
+
+DERIVED_SUFFIXES = (".faiss", ".vectors", ".lock", "-wal", "-shm", "-journal")
+"""Endings of the files beside a catalogue (index, re-rank vectors, lock, SQLite's own)."""
 
 
 def resolve_settings(
@@ -66,6 +72,13 @@ def resolve_settings(
     db_value = Path(db_value).expanduser()
     if db_value.is_dir():
         db_value = db_value / CATALOGUE_FILENAME
+    if db_value.name.endswith(DERIVED_SUFFIXES):
+        from clipsearch.errors import UsageError
+
+        raise UsageError(f"--db {db_value}: a catalogue name may not end in "
+                         f"{', '.join(DERIVED_SUFFIXES)}, the names of the files clipsearch "
+                         "keeps beside it (it would overwrite one with the other)",
+                         hint="name it like catalogue.sqlite3")
     workers_value = workers if workers is not None else int(_env("WORKERS") or 0)
     batch_value = batch_size or int(_env("BATCH_SIZE") or DEFAULT_BATCH_SIZE)
     if workers_value < 0 or batch_value < 1:

@@ -352,3 +352,22 @@ def test_no_results_is_said_on_stderr_in_every_output_mode(indexed_db: Path, mod
                               *mode])
     assert res.exit_code == 0, res.output
     assert res.stdout == "" and "no results" in res.stderr
+
+
+@pytest.mark.parametrize("name", ["cat.faiss", "cat.vectors", "cat.sqlite3-wal", "x.lock"])
+def test_a_catalogue_named_like_a_file_kept_beside_it_is_refused(tmp_path: Path, name: str,
+                                                                 tiny_model: str) -> None:
+    """--db NAME.faiss made the index path the catalogue itself: the index overwrote it."""
+    (tmp_path / "p").mkdir()
+    res = runner.invoke(app, ["index", str(tmp_path / "p"), "--db", str(tmp_path / name),
+                              "--model", tiny_model])
+    assert res.exit_code == 1 and "may not end in" in res.stderr, res.output
+    assert not (tmp_path / name).exists()
+
+
+def test_catalogues_with_one_stem_keep_separate_index_files(tmp_path: Path) -> None:
+    from clipsearch.config import resolve_settings
+
+    a, b = resolve_settings(db=tmp_path / "p.db"), resolve_settings(db=tmp_path / "p.sqlite3")
+    assert a.index_path != b.index_path
+    assert a.index_path.name == "p.db.faiss"
