@@ -333,8 +333,12 @@ def _index_roots(
             old.size != f.size or old.mtime_ns != f.mtime_ns or old.state == STATE_PENDING
         )
         todo.append((f, is_change))
+    # Files under a folder this run could not read may still be there: not missing.
+    unreadable = tuple(p.path.rstrip(os.sep) for p in scan.problems
+                       if p.reason.startswith(("cannot read", "cannot stat")))
     gone_rows = [old for path, old in stored.items()
-                 if path not in seen and old.state != STATE_MISSING]
+                 if path not in seen and old.state != STATE_MISSING
+                 and not (unreadable and _under(path, unreadable))]
     catalogue.mark_missing([old.image_id for old in gone_rows])
     report.missing = len(gone_rows)
     if not todo:
@@ -358,6 +362,10 @@ def _ids_without_vector(catalogue: Catalogue, model_id: int, stored: dict[str, S
     with_vector = set(catalogue.indexed_ids(model_id).tolist())
     return {s.image_id for s in stored.values()
             if s.state == STATE_INDEXED and s.image_id not in with_vector}, digest
+
+
+def _under(path: str, folders: tuple[str, ...]) -> bool:
+    return any(path == f or path.startswith(f + os.sep) for f in folders)
 
 
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:

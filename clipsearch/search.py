@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -385,15 +386,20 @@ def _rank(session: _Session, qvec: np.ndarray, opts: SearchOptions, exclude: set
                 continue
             try:
                 st = os.stat(row.path)
-            except OSError:
+                gone_now = not stat.S_ISREG(st.st_mode)  # replaced by a folder, say
+            except (FileNotFoundError, NotADirectoryError):  # a dangling link too
+                gone_now = True
+            except OSError:  # unreadable (permissions): it may well be there
+                gone_now = False
+            else:
+                if (st.st_size, st.st_mtime_ns) != (row.size, row.mtime_ns) and not gone_now:
+                    changed.append(row.path)
+            if gone_now:
                 if roots is None:
                     roots = sorted(cat.roots(), key=len, reverse=True)
-                if _deleted(row.path, roots):
+                if _source_present(row.path, roots):
                     gone[image_id] = row.path
                     continue
-            else:
-                if (st.st_size, st.st_mtime_ns) != (row.size, row.mtime_ns):
-                    changed.append(row.path)
             present.append((score, row))
         timings["check"] = timings.get("check", 0.0) + time.perf_counter() - t0
         if (len(present) >= opts.top_k or len(chosen) < count
@@ -485,15 +491,23 @@ def _candidate_vectors(session: _Session, vi: Any, cand: np.ndarray
     return session.catalogue.vectors_by_ids(cand.tolist(), session.model_id, session.info.dim)
 
 
-def _deleted(path: str, roots: list[str]) -> bool:
-    """Gone from disk while the folder it was indexed from (longest root first; else its own
-    folder) is there."""
-    if os.path.lexists(path):
-        return False
+def _source_present(path: str, roots: list[str]) -> bool:
+    """Whether the folder a file was indexed from is there, so that its absence means it was
+    deleted: the root it is under (longest first; its own folder when the root is the file
+    itself or none is known), present and not empty (an unplugged drive can leave an empty
+    mount point behind)."""
+    folder = os.path.dirname(path)
     for root in roots:
-        if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
-            return os.path.isdir(root)
-    return os.path.isdir(os.path.dirname(path))
+        if path == root:
+            break
+        if path.startswith(root.rstrip(os.sep) + os.sep):
+            folder = root
+            break
+    try:
+        with os.scandir(folder) as entries:
+            return any(True for _ in entries)
+    except OSError:
+        return False
 
 
 class Searcher:

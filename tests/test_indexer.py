@@ -584,3 +584,26 @@ def test_labels_are_dropped_when_content_changes_and_kept_when_touched(
         labels = cat.labels_of(list(ids.values()))
     assert ids[str(touched)] in labels
     assert ids[str(changed)] not in labels
+
+
+def test_files_under_a_folder_that_cannot_be_read_are_not_marked_missing(
+        settings, make_image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A subfolder made unreadable (permissions) reported 'cannot read folder' and then had
+    all its files marked missing, as if deleted."""
+    from clipsearch import crawler
+
+    make_image("a.png", seed=1)
+    inner = [make_image(f"sub/{i}.png", seed=i + 2) for i in range(3)]
+    run_index(settings, [str(tmp_path / "photos")])
+    real = os.scandir
+
+    def scandir(path):  # type: ignore[no-untyped-def]
+        if os.fspath(path).endswith("sub"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(crawler.os, "scandir", scandir)
+    report = run_index(settings, [str(tmp_path / "photos")])
+    assert any("cannot read folder" in p.reason for p in report.problems)
+    assert report.missing == 0
+    assert all(_states(settings)[str(p)] == "indexed" for p in inner)

@@ -244,3 +244,30 @@ def test_results_changed_since_indexing_are_flagged(settings, make_image, tmp_pa
     os.utime(paths[1], ns=(1, 1_000_000_000))
     notices = search(settings, ["x"]).notices
     assert any("changed since the last index run" in n and str(paths[1]) in n for n in notices)
+
+
+def test_gone_means_gone_dangling_links_folders_and_single_file_roots_but_not_empty_mounts(
+        settings, make_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    photos = tmp_path / "photos"
+    kept = [make_image(f"{i}.png", seed=i) for i in range(3)]
+    target = make_image("t.png", seed=7, root=tmp_path / "targets")
+    (photos / "link.png").symlink_to(target)
+    replaced = make_image("replaced.png", seed=8)
+    single = make_image("single.png", seed=9, root=tmp_path / "one")
+    run_index(settings, [str(photos), str(single)])
+    target.unlink()  # the link now dangles
+    replaced.unlink()
+    replaced.mkdir()  # a folder where the file was
+    single.unlink()  # a deleted file that was itself a root
+    (tmp_path / "one" / "other.txt").write_text("the folder is still there")
+    found = search(settings, ["x"], SearchOptions(top_k=10))
+    assert {r.path for r in found.results} == {str(p) for p in kept}
+    assert any("left out 3 files" in n for n in found.notices)
+    # A drive unplugged from its mount point leaves an empty folder: results are kept.
+    for p in kept:
+        p.unlink()
+    (photos / "link.png").unlink()
+    replaced.rmdir()
+    assert not list(photos.iterdir())
+    found = search(settings, ["x"], SearchOptions(top_k=10))
+    assert {str(p) for p in kept} <= {r.path for r in found.results}
