@@ -23,6 +23,7 @@ from clipsearch.errors import (
     CatalogueError,
     ClipsearchError,
     ImageError,
+    IndexError_,
     ModelError,
     ModelMismatchError,
     UsageError,
@@ -267,8 +268,8 @@ class _Session:
                 with WriterLock(self.settings.lock_path, wait=False):
                     return ensure_index(self.catalogue, self.settings, self.info, self.model_id,
                                         verify_ids_up_to=SEARCH_VERIFY_IDS_MAX_IMAGES)
-            except (CatalogueBusyError, CatalogueError):
-                pass
+            except (CatalogueBusyError, CatalogueError, IndexError_):
+                pass  # busy, read-only, or the index file cannot be saved: search anyway
         return ensure_index(self.catalogue, self.settings, self.info, self.model_id, write=False,
                             verify_ids_up_to=SEARCH_VERIFY_IDS_MAX_IMAGES)
 

@@ -271,3 +271,26 @@ def test_gone_means_gone_dangling_links_folders_and_single_file_roots_but_not_em
     assert not list(photos.iterdir())
     found = search(settings, ["x"], SearchOptions(top_k=10))
     assert {str(p) for p in kept} <= {r.path for r in found.results}
+
+
+def test_a_search_works_when_the_index_file_cannot_be_saved(
+        settings, make_image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A full disk or an immutable index file made every search fail with 'cannot write
+    index': a derived file that cannot be saved never stops a search."""
+    from clipsearch import indexer
+    from clipsearch.errors import IndexError_
+
+    make_image("a.png", seed=1)
+    run_index(settings, [str(tmp_path / "photos")])
+    new = make_image("b.png", seed=2)
+    # The catalogue moves on without the index (as when the index run could not save it).
+    monkeypatch.setattr(indexer, "refresh_index", lambda *a, **k: ("flat", 0))
+    run_index(settings, [str(tmp_path / "photos")])
+
+    def cannot_save(*_a, **_k):  # type: ignore[no-untyped-def]
+        raise IndexError_("cannot write index: No space left on device")
+
+    monkeypatch.setattr(indexer, "save_index", cannot_save)
+    query = make_image("q.png", seed=2, root=tmp_path / "elsewhere")
+    found = search(settings, [str(query)], SearchOptions(top_k=1)).results
+    assert found[0].path == str(new) and found[0].score > 0.999
