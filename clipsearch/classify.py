@@ -140,7 +140,8 @@ def classify(
         if paths:
             for p in paths:
                 abspath = os.path.abspath(p)
-                vec = cat.vector_for_path(abspath, session.model_id)
+                vec = session.stored_vector(abspath)
+                image_id = cat.image_id_for_path(abspath) if vec is not None else None
                 if vec is None:
                     encoder = session.encoder()
                     try:
@@ -152,7 +153,8 @@ def classify(
                         failed.append(reason)
                         continue
                     vec = encoder.encode_images(encoder.preprocess(decoded.image)[None])[0]
-                items.append((abspath, cat.image_id_for_path(abspath), vec))
+                # A changed file's label is not stored: its catalogue row is the old content.
+                items.append((abspath, image_id, vec))
         else:
             rows = {r.image_id: r.path for r in cat.images(STATE_INDEXED)}
             ids, vecs = cat.indexed_vectors(session.model_id, session.info.dim)

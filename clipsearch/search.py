@@ -273,15 +273,25 @@ class _Session:
         return ensure_index(self.catalogue, self.settings, self.info, self.model_id, write=False,
                             verify_ids_up_to=SEARCH_VERIFY_IDS_MAX_IMAGES)
 
+    def stored_vector(self, abspath: str) -> np.ndarray | None:
+        """The catalogue's vector of this file, if it is indexed and unchanged on disk since
+        (an edited file must not be answered for by its old content)."""
+        stored = self.catalogue.files_under([abspath]).get(abspath)
+        if stored is None or stored.state != STATE_INDEXED:
+            return None
+        try:
+            st = os.stat(abspath)
+        except OSError:
+            return None
+        if (st.st_size, st.st_mtime_ns) != (stored.size, stored.mtime_ns):
+            return None
+        return self.catalogue.vector_for_path(abspath, self.model_id)
+
     def image_vector(self, path: str, notices: list[str]) -> np.ndarray:
         abspath = os.path.abspath(path)
-        stored = self.catalogue.files_under([abspath]).get(abspath)
-        if stored is not None and stored.state == STATE_INDEXED:
-            st = os.stat(abspath)
-            if st.st_size == stored.size and st.st_mtime_ns == stored.mtime_ns:
-                vec = self.catalogue.vector_for_path(abspath, self.model_id)
-                if vec is not None:
-                    return vec
+        vec = self.stored_vector(abspath)
+        if vec is not None:
+            return vec
         from clipsearch.crawler import sniff_image_format
 
         try:

@@ -93,3 +93,21 @@ def test_classifying_the_catalogue_needs_no_image_model_and_matches_torch(  # ty
     exact = read_logit_scale(tiny_encoder.weights_file)
     assert abs(exact - tiny_encoder.logit_scale) / exact < 0.01
     del search_mod
+
+
+def test_classify_of_a_file_edited_since_indexing_uses_its_new_content(settings, make_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """classify FILE answered for an edited (not yet re-indexed) file from its old vector, and
+    stored that label."""
+    import os
+    import shutil
+
+    a = make_image("a.png", seed=1)
+    b = make_image("b.png", seed=2)
+    run_index(settings, [str(tmp_path / "photos")])
+    labels = ["cat", "dog", "car", "tree"]
+    of_b = classify(settings, labels, [str(b)], none_margin=None, store=False)[0]
+    shutil.copy(b, a)  # a now holds b's picture (new mtime)
+    os.utime(a, ns=(1, 1_000_000_000))
+    got = classify(settings, labels, [str(a)], none_margin=None)[0]
+    assert got.scores == pytest.approx(of_b.scores, abs=1e-4)
+    assert got.image_id is None  # not stored against the row of the old content
