@@ -7,6 +7,9 @@ import sqlite3
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from clipsearch.catalogue.models import STATE_INDEXED, STATE_PENDING
 from clipsearch.catalogue.store import Catalogue, WriterLock
@@ -21,7 +24,9 @@ from clipsearch.vector_index import (
     load_index,
     read_index_header,
 )
-from clipsearch.vector_store import vector_file_path, vector_file_usable
+from clipsearch.vector_store import VectorFile, vector_file_path, vector_file_usable
+
+VERIFY_CHUNK_ROWS = 20_000
 
 INTEGRITY_LINES_SHOWN = 3
 
@@ -177,7 +182,15 @@ def _check(settings: Settings, report: CheckReport, repair: bool) -> None:
             report.problems.append(
                 f"re-rank vector file {vector_file_path(settings.index_path)} is missing, "
                 "damaged or incomplete (searches read the catalogue instead; the next index "
-                "run rewrites it)")
+                "run or search rewrites it)")
+        elif vi.kind == KIND_IVFPQ:
+            wrong = _vector_rows_differing(cat, vi, settings, model.id)
+            if wrong:
+                index_bad = True
+                report.problems.append(
+                    f"re-rank vector file {vector_file_path(settings.index_path)} disagrees "
+                    f"with the catalogue for {wrong} image{'' if wrong == 1 else 's'} (damaged "
+                    "in place; `check --repair` rewrites it)")
         if not repair or not report.problems:
             return
         if cat.readonly:
@@ -203,3 +216,25 @@ def _check(settings: Settings, report: CheckReport, repair: bool) -> None:
                 report.repaired.append(
                     f"rebuilt the index from the catalogue ({rebuilt.count} vectors)"
                 )
+
+
+def _vector_rows_differing(cat: Catalogue, vi: Any, settings: Settings, model_id: int) -> int:
+    """How many indexed images the re-rank vector file gives another vector than the
+    catalogue's (rows damaged in place, or a damaged row table): every row is read."""
+    vf = VectorFile.open(vector_file_path(settings.index_path), vi.vector_token, vi.dim,
+                         vi.vector_rows)
+    if vf is None:
+        return 0
+    ids, vecs = cat.indexed_vectors(model_id, vi.dim)
+    try:
+        rows = vi.rows[np.searchsorted(vi.ids, ids).clip(max=max(vi.ids.size - 1, 0))]
+        wrong = 0
+        for start in range(0, ids.size, VERIFY_CHUNK_ROWS):
+            part = slice(start, start + VERIFY_CHUNK_ROWS)
+            got = vf.read_rows(rows[part])
+            wrong += int((~np.isclose(got, vecs[part], atol=1e-6).all(axis=1)).sum())
+        return wrong
+    except OSError:
+        return int(ids.size)
+    finally:
+        vf.close()

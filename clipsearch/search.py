@@ -492,6 +492,14 @@ def _candidate_vectors(session: _Session, vi: Any, cand: np.ndarray
         except OSError:
             pass
         else:
+            # Rows damaged in place (zeroed, overwritten) are not unit vectors: those ids are
+            # read from the catalogue instead.
+            norms = np.linalg.norm(from_file, axis=1)
+            bad = ~(np.abs(norms - 1.0) < 1e-3)
+            if bad.any():
+                rows = rows.copy()
+                rows[np.flatnonzero(rows >= 0)[bad]] = -1
+                from_file = from_file[~bad]
             rest = live[rows < 0]
             if not rest.size:
                 return live[rows >= 0], from_file

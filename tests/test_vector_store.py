@@ -94,11 +94,21 @@ def _ivfpq_catalogue(settings, tiny_model: str, n: int = 6000):  # type: ignore[
 
 
 def _write_rows(cat, model_id: int, vecs: np.ndarray, start: int) -> None:  # type: ignore[no-untyped-def]
-    rows = [{"path": f"/nowhere/{i:05d}.jpg", "size": 1000 + i, "mtime_ns": i,
-             "content_hash": f"{i:032x}", "width": 64, "height": 48, "format": "JPEG",
-             "captured_at": None, "state": "indexed", "error": None, "attempts": 0}
-            for i in range(start, start + len(vecs))]
+    """Rows for vectors start.., each with an (empty) file behind it, as `check` expects."""
+    folder = cat.path.parent / "files"
+    folder.mkdir(exist_ok=True)
+    rows = []
+    for i in range(start, start + len(vecs)):
+        path = folder / f"{i:05d}.jpg"
+        path.touch()
+        rows.append({"path": str(path), "size": 0, "mtime_ns": path.stat().st_mtime_ns,
+                     "content_hash": f"{i:032x}", "width": 64, "height": 48, "format": "JPEG",
+                     "captured_at": None, "state": "indexed", "error": None, "attempts": 0})
     cat.write_batch(rows, {r["content_hash"]: v for r, v in zip(rows, vecs)}, model_id)
+
+
+def _file(settings, i: int) -> Path:  # type: ignore[no-untyped-def]
+    return settings.db_path.parent / "files" / f"{i:05d}.jpg"
 
 
 @pytest.fixture
@@ -130,7 +140,7 @@ def test_ivfpq_searches_re_rank_from_the_vector_file_with_exact_scores(
             _no_catalogue_vectors(m)
             q = encoder.encode_texts(["a dog on a beach"])[0]
             resp = searcher.search(["a dog on a beach"], SearchOptions(top_k=10))
-        by_path = {f"/nowhere/{i:05d}.jpg": i for i in range(len(vecs))}
+        by_path = {str(_file(settings, i)): i for i in range(len(vecs))}
         assert len(resp.results) == 10
         for r in resp.results:
             assert abs(float(vecs[by_path[r.path]] @ q) - r.score) < 1e-5
@@ -147,7 +157,7 @@ def test_ivfpq_searches_re_rank_from_the_vector_file_with_exact_scores(
             _no_catalogue_vectors(m)
             for i in (0, 17, 49):
                 hit = _search_vector(searcher, new[i])
-                assert hit.path == f"/nowhere/{len(vecs) + i:05d}.jpg"
+                assert hit.path == str(_file(settings, len(vecs) + i))
                 assert hit.score == pytest.approx(1.0, abs=1e-5)
 
 
@@ -171,7 +181,7 @@ def test_without_its_vector_file_a_search_reads_the_catalogue_and_the_next_updat
     with Searcher(settings) as searcher:
         for i in (3, 300):
             hit = _search_vector(searcher, vecs[i])
-            assert hit.path == f"/nowhere/{i:05d}.jpg" and hit.score == pytest.approx(1.0)
+            assert hit.path == str(_file(settings, i)) and hit.score == pytest.approx(1.0)
     with Catalogue(settings.db_path) as cat:
         model = cat.active_model()
         assert model is not None
@@ -240,4 +250,36 @@ def test_an_update_over_a_cut_short_vector_file_keeps_every_image_its_own_vector
         searcher.search(["update"])
         for i in (5, 994, 999, 1000, 1019):
             hit = _search_vector(searcher, everything[i])
-            assert hit.path == f"/nowhere/{i:05d}.jpg" and hit.score == pytest.approx(1.0)
+            assert hit.path == str(_file(settings, i)) and hit.score == pytest.approx(1.0)
+
+
+def test_rows_damaged_in_place_are_not_trusted_and_check_finds_them(
+        settings, tiny_model: str, ivfpq) -> None:  # type: ignore[no-untyped-def]
+    """Zeroed rows behind an intact header gave wrong scores, and check saw nothing."""
+    from clipsearch.doctor import check_catalogue
+    from clipsearch.search import Searcher
+    from clipsearch.vector_index import load_index, save_index
+
+    _, vecs = _ivfpq_catalogue(settings, tiny_model, n=1000)
+    with Searcher(settings) as searcher:
+        searcher.search(["warm up"])
+    path = vector_file_path(settings.index_path)
+    row_bytes = vecs.shape[1] * 4
+    with open(path, "r+b") as fh:  # zero rows 0..99, header and size unchanged
+        fh.seek(DATA_OFFSET)
+        fh.write(bytes(100 * row_bytes))
+    with Searcher(settings) as searcher:
+        for i in (3, 50, 700):
+            hit = _search_vector(searcher, vecs[i])
+            assert hit.path == str(_file(settings, i)) and hit.score == pytest.approx(1.0)
+    assert any("disagrees with the catalogue for 100 images" in p
+               for p in check_catalogue(settings).problems)
+    assert check_catalogue(settings, repair=True).repaired
+    assert check_catalogue(settings).problems == []
+    # A damaged row table (two images' rows swapped) inside an intact index file.
+    vi = load_index(settings.index_path)
+    assert vi is not None and vi.rows is not None
+    vi.rows[[10, 20]] = vi.rows[[20, 10]]
+    save_index(vi, settings.index_path)
+    assert any("disagrees with the catalogue for 2 images" in p
+               for p in check_catalogue(settings).problems)
