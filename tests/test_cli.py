@@ -371,3 +371,17 @@ def test_catalogues_with_one_stem_keep_separate_index_files(tmp_path: Path) -> N
     a, b = resolve_settings(db=tmp_path / "p.db"), resolve_settings(db=tmp_path / "p.sqlite3")
     assert a.index_path != b.index_path
     assert a.index_path.name == "p.db.faiss"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("mode", [[], ["--json"], ["--paths"]])
+def test_results_that_cannot_be_written_are_one_error_line(indexed_db: Path, mode: list[str]
+                                                          ) -> None:
+    """`search ... > /dev/full` (a full disk) ended in a traceback."""
+    with open("/dev/full", "w") as full:
+        res = subprocess.run([sys.executable, "-m", "clipsearch", "search", "thing", "--db",
+                              str(indexed_db), *mode], stdout=full, stderr=subprocess.PIPE,
+                             text=True, timeout=120)
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr and "Exception ignored" not in res.stderr
+    assert res.stderr.strip().endswith("error: cannot write the output: No space left on device")
