@@ -270,7 +270,12 @@ class Bench:
                  "check": "check"}
         stages: dict[str, list[float]] = {s: [] for s in (*names.values(), "total")}
         with Searcher(self.settings) as searcher:
-            for text in QUERY_TEXTS[:3]:  # loads the text tower and index, warms caches
+            t = time.perf_counter()
+            # A long-lived caller: text tower and index loaded, re-rank vector file read
+            # into the page cache by the Searcher's background prefetch.
+            self.result["warm_ready"] = searcher.wait_until_warm(timeout_s=300)
+            self.result["warm_ready_s"] = time.perf_counter() - t
+            for text in QUERY_TEXTS[:3]:  # warms the remaining caches
                 searcher.search([text], SearchOptions(top_k=K))
             for text in QUERY_TEXTS[: self.args.queries]:
                 t = time.perf_counter()

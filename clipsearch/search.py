@@ -171,7 +171,9 @@ def parse_date(text: str | None, end: bool = False) -> float | None:
 class _Session:
     """A catalogue, its model and (lazily) the encoder and the index, for one query."""
 
-    def __init__(self, settings: Settings, factory: EncoderFactory | None) -> None:
+    def __init__(self, settings: Settings, factory: EncoderFactory | None,
+                 prefetch: bool = False) -> None:
+        self.prefetch = prefetch
         self.settings = settings
         self.factory = factory or (lambda spec: load_encoder(spec, settings.device))
         self.catalogue = Catalogue(settings.db_path, create=False)
@@ -253,6 +255,8 @@ class _Session:
                 vf.close()
             self._vectors = vf = VectorFile.open(vector_file_path(self.settings.index_path),
                                                  vi.vector_token, vi.dim, vi.vector_rows)
+            if vf is not None and self.prefetch:
+                vf.prefetch_in_background()
         return vf
 
     def _load_index(self):  # type: ignore[no-untyped-def]
@@ -532,11 +536,23 @@ def _source_present(path: str, roots: list[str]) -> bool:
 class Searcher:
     """A catalogue opened once for many queries: the text encoder (and the model, if an image
     query needs it) and the index stay loaded between calls; the index is reloaded when the
-    catalogue changes. `search()` and `similar()` are one-query uses of it."""
+    catalogue changes. `search()` and `similar()` are one-query uses of it.
 
-    def __init__(self, settings: Settings, encoder_factory: EncoderFactory | None = None
-                 ) -> None:
-        self._session = _Session(settings, encoder_factory)
+    `prefetch` (on by default): once the index is loaded, read the re-rank vector file of a
+    large (IVF-PQ) collection into the page cache in the background, so that re-ranking
+    does not wait on the disk (`wait_until_warm`). The one-query functions do not."""
+
+    def __init__(self, settings: Settings, encoder_factory: EncoderFactory | None = None,
+                 prefetch: bool = True) -> None:
+        self._session = _Session(settings, encoder_factory, prefetch)
+
+    def wait_until_warm(self, timeout_s: float | None = None) -> bool:
+        """Load the text tower and the index, and wait for the background prefetch of the
+        re-rank vector file (if any); False if it did not finish within timeout_s."""
+        session = self._session
+        session.text_encoder()
+        vf = session.vector_file(session.index())
+        return vf is None or not session.prefetch or vf.prefetched.wait(timeout_s)
 
     def __enter__(self) -> Searcher:
         return self
@@ -584,12 +600,12 @@ def search(settings: Settings, parts: Sequence[str], opts: SearchOptions = Searc
            encoder_factory: EncoderFactory | None = None) -> SearchResponse:
     """Rank indexed images by cosine similarity to a text/image query."""
     terms = parse_query(parts)
-    with Searcher(settings, encoder_factory) as searcher:
+    with Searcher(settings, encoder_factory, prefetch=False) as searcher:
         return searcher._search_terms(terms, opts)
 
 
 def similar(settings: Settings, image: str, opts: SearchOptions = SearchOptions(),
             encoder_factory: EncoderFactory | None = None) -> SearchResponse:
     """Images most like IMAGE (indexed or not); the image itself is never its own hit."""
-    with Searcher(settings, encoder_factory) as searcher:
+    with Searcher(settings, encoder_factory, prefetch=False) as searcher:
         return searcher.similar(image, opts)

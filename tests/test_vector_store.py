@@ -283,3 +283,23 @@ def test_rows_damaged_in_place_are_not_trusted_and_check_finds_them(
     save_index(vi, settings.index_path)
     assert any("disagrees with the catalogue for 2 images" in p
                for p in check_catalogue(settings).problems)
+
+
+def test_a_long_lived_searcher_prefetches_the_vector_file_and_one_shot_searches_do_not(
+        settings, tiny_model: str, ivfpq, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from clipsearch.search import Searcher, search
+
+    _ivfpq_catalogue(settings, tiny_model, n=1000)
+    started = []
+    real = VectorFile.prefetch_in_background
+    monkeypatch.setattr(VectorFile, "prefetch_in_background",
+                        lambda self: started.append(self) or real(self))
+    search(settings, ["one shot"])  # builds the index and its file; no prefetch
+    assert started == []
+    with Searcher(settings) as searcher:
+        assert searcher.wait_until_warm(timeout_s=30)
+        assert len(started) == 1 and started[0].prefetched.is_set()
+        assert searcher.search(["x"]).results
+    with Searcher(settings, prefetch=False) as searcher:
+        assert searcher.wait_until_warm(timeout_s=0)  # nothing to wait for
+    assert len(started) == 1
