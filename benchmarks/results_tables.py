@@ -66,7 +66,7 @@ QUERY_ROWS = [
     ("- ANN search p50 ms", lambda r: f"{r['warm_ann_p50_ms']:.2f}"),
     ("- re-rank p50 ms", lambda r: f"{r['warm_rerank_p50_ms']:.2f}"),
     ("- catalogue lookup p50 ms", lambda r: f"{r['warm_lookup_p50_ms']:.2f}"),
-    ("- result files still there (lstat) p50 ms",
+    ("- result files still there (stat) p50 ms",
      lambda r: _f(r.get("warm_check_p50_ms"), "{:.2f}")),
     ("`search()` one call p50 ms", lambda r: f"{r['search_call_p50_ms']:.0f}"),
     ("numpy exact scan p50 ms (vectors in RAM, no text)",
