@@ -770,7 +770,20 @@ def ensure_index(
         else:
             vector_file_path(settings.index_path).unlink(missing_ok=True)
         save_index(vi, settings.index_path)
+        _remove_legacy_index(settings)
     return vi
+
+
+def _remove_legacy_index(settings: Settings) -> None:
+    """Delete the index file an older clipsearch kept as <stem>.faiss (now <name>.faiss), if
+    it is one (by its header): derived data that nothing reads any more."""
+    legacy = settings.db_path.with_name(settings.db_path.stem + ".faiss")
+    if legacy in (settings.db_path, settings.index_path) or read_index_header(legacy) is None:
+        return
+    try:
+        legacy.unlink()
+    except OSError:
+        pass
 
 
 def _vector_file_ok(settings: Settings, token: str, dim: int, rows: int) -> bool:

@@ -607,3 +607,21 @@ def test_files_under_a_folder_that_cannot_be_read_are_not_marked_missing(
     assert any("cannot read folder" in p.reason for p in report.problems)
     assert report.missing == 0
     assert all(_states(settings)[str(p)] == "indexed" for p in inner)
+
+
+def test_the_index_file_under_its_old_name_is_removed_once_rebuilt(settings, make_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Index files were named <stem>.faiss before they took the catalogue's whole name; the
+    old one is derived data nothing reads: removed when the new index is written (only if it
+    is an index file)."""
+    make_image("a.png")
+    run_index(settings, [str(tmp_path / "photos")])
+    legacy = settings.db_path.with_name(settings.db_path.stem + ".faiss")
+    assert legacy != settings.index_path and not legacy.exists()
+    shutil.copy(settings.index_path, legacy)
+    settings.index_path.unlink()
+    search(settings, ["x"])  # rebuilds the index under its name
+    assert settings.index_path.exists() and not legacy.exists()
+    legacy.write_bytes(b"not an index: kept")
+    settings.index_path.unlink()
+    search(settings, ["x"])
+    assert legacy.read_bytes() == b"not an index: kept"
