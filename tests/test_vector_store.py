@@ -107,6 +107,19 @@ def _write_rows(cat, model_id: int, vecs: np.ndarray, start: int) -> None:  # ty
     cat.write_batch(rows, {r["content_hash"]: v for r, v in zip(rows, vecs)}, model_id)
 
 
+def _add_random_rows(settings, n: int, start: int, seed: int) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """n new random unit vectors written as rows start.. (the index does not know them yet)."""
+    from clipsearch.catalogue.store import Catalogue
+
+    with Catalogue(settings.db_path) as cat:
+        model = cat.active_model()
+        assert model is not None
+        new = np.random.default_rng(seed).normal(size=(n, model.dim)).astype(np.float32)
+        new /= np.linalg.norm(new, axis=1, keepdims=True)
+        _write_rows(cat, model.id, new, start)
+    return new
+
+
 def _file(settings, i: int) -> Path:  # type: ignore[no-untyped-def]
     return settings.db_path.parent / "files" / f"{i:05d}.jpg"
 
@@ -129,7 +142,6 @@ def _no_catalogue_vectors(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_ivfpq_searches_re_rank_from_the_vector_file_with_exact_scores(
         settings, tiny_model: str, ivfpq, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    from clipsearch.catalogue.store import Catalogue
     from clipsearch.search import SearchOptions, Searcher
 
     encoder, vecs = _ivfpq_catalogue(settings, tiny_model)
@@ -145,13 +157,7 @@ def test_ivfpq_searches_re_rank_from_the_vector_file_with_exact_scores(
         for r in resp.results:
             assert abs(float(vecs[by_path[r.path]] @ q) - r.score) < 1e-5
         # New images reach the file as appended rows.
-        rng = np.random.default_rng(9)
-        new = rng.normal(size=(50, vecs.shape[1])).astype(np.float32)
-        new /= np.linalg.norm(new, axis=1, keepdims=True)
-        with Catalogue(settings.db_path) as cat:
-            model = cat.active_model()
-            assert model is not None
-            _write_rows(cat, model.id, new, len(vecs))
+        new = _add_random_rows(settings, 50, len(vecs), seed=9)
         searcher.search(["update"])  # the index catches up with the catalogue
         with monkeypatch.context() as m:
             _no_catalogue_vectors(m)
@@ -229,7 +235,6 @@ def test_an_update_over_a_cut_short_vector_file_keeps_every_image_its_own_vector
         settings, tiny_model: str, ivfpq) -> None:  # type: ignore[no-untyped-def]
     """The breaker's case: rows lost at the end of the file, then new images: their vectors
     went onto rows older images still used, and `similar` found the wrong files."""
-    from clipsearch.catalogue.store import Catalogue
     from clipsearch.search import Searcher
 
     _, vecs = _ivfpq_catalogue(settings, tiny_model, n=1000)
@@ -238,13 +243,7 @@ def test_an_update_over_a_cut_short_vector_file_keeps_every_image_its_own_vector
     path = vector_file_path(settings.index_path)
     with open(path, "r+b") as fh:
         fh.truncate(path.stat().st_size - 10 * vecs.shape[1] * 4)
-    rng = np.random.default_rng(3)
-    new = rng.normal(size=(20, vecs.shape[1])).astype(np.float32)
-    new /= np.linalg.norm(new, axis=1, keepdims=True)
-    with Catalogue(settings.db_path) as cat:
-        model = cat.active_model()
-        assert model is not None
-        _write_rows(cat, model.id, new, len(vecs))
+    new = _add_random_rows(settings, 20, len(vecs), seed=3)
     everything = np.concatenate([vecs, new])
     with Searcher(settings) as searcher:
         searcher.search(["update"])
