@@ -221,6 +221,12 @@ def display_path(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+def some_paths(paths: list[str], shown: int = 3) -> str:
+    """The first few paths and how many more: "a, b, c and 4 more"."""
+    more = len(paths) - shown
+    return ", ".join(paths[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
 def path_fields(path: str, key: str = "path") -> dict[str, str]:
     """A path for JSON output. `key` is the printable form; a path that is not valid UTF-8
     (whose printable form is ambiguous: `\\xff` could be a byte or four characters) also

@@ -14,9 +14,11 @@ import numpy as np
 from clipsearch.catalogue.models import STATE_INDEXED, STATE_PENDING
 from clipsearch.catalogue.store import Catalogue, WriterLock
 from clipsearch.config import Settings
+from clipsearch.crawler import some_paths
 from clipsearch.encoder import ModelInfo
 from clipsearch.errors import CatalogueDamagedError
 from clipsearch.imaging import codec_support
+from clipsearch.indexer import vector_file_complete
 from clipsearch.vector_index import (
     FILE_LAYOUT,
     KIND_IVFPQ,
@@ -24,7 +26,7 @@ from clipsearch.vector_index import (
     load_index,
     read_index_header,
 )
-from clipsearch.vector_store import VectorFile, vector_file_path, vector_file_usable
+from clipsearch.vector_store import VectorFile, vector_file_path
 
 VERIFY_CHUNK_ROWS = 20_000
 
@@ -139,12 +141,11 @@ def _check(settings: Settings, report: CheckReport, repair: bool) -> None:
             if st.st_size != row.size or st.st_mtime_ns != row.mtime_ns:
                 changed.append(row.path)
         if vanished:
-            shown = ", ".join(vanished_paths[:3]) + (
-                f" and {len(vanished) - 3} more" if len(vanished) > 3 else "")
             report.problems.append(f"{len(vanished)} indexed file"
                                    + (" no longer exists" if len(vanished) == 1
                                       else "s no longer exist")
-                                   + f" ({shown}; `clipsearch index` or `check --repair` "
+                                   + f" ({some_paths(vanished_paths)}; `clipsearch index` or "
+                                   "`check --repair` "
                                    "marks them missing)")
         if changed:
             report.problems.append(
@@ -174,10 +175,7 @@ def _check(settings: Settings, report: CheckReport, repair: bool) -> None:
             report.problems.append(
                 f"index is stale: {vi.count} vectors, catalogue has {report.indexed}"
             )
-        elif vi.kind == KIND_IVFPQ and (
-                vi.rows is None or (vi.rows < 0).any() or not vector_file_usable(
-                    vector_file_path(settings.index_path), vi.vector_token, vi.dim,
-                    vi.vector_rows)):
+        elif vi.kind == KIND_IVFPQ and not vector_file_complete(vi, settings):
             index_bad = True
             report.problems.append(
                 f"re-rank vector file {vector_file_path(settings.index_path)} is missing, "

@@ -790,6 +790,13 @@ def _vector_file_ok(settings: Settings, token: str, dim: int, rows: int) -> bool
     return vector_file_usable(vector_file_path(settings.index_path), token, dim, rows)
 
 
+def vector_file_complete(vi: VectorIndex, settings: Settings) -> bool:
+    """Whether every id of this index has a row in a usable re-rank vector file."""
+    assert vi.rows is not None
+    return bool(vi.vector_token) and bool((vi.rows >= 0).all()) and _vector_file_ok(
+        settings, vi.vector_token, vi.dim, vi.vector_rows)
+
+
 def write_vector_file_for(vi: VectorIndex, vectors: np.ndarray, settings: Settings) -> None:
     """A fresh re-rank vector file holding `vectors` (in vi.ids order) for an index about
     to be saved; on a write error the index keeps no rows (searches read the catalogue)."""
@@ -806,10 +813,7 @@ def _keep_vector_file(vi: VectorIndex, catalogue: Catalogue, settings: Settings,
                       info: ModelInfo, model_id: int) -> bool:
     """Write the re-rank vector file of an IVF-PQ index anew when it is missing, damaged,
     foreign or lacks rows (then save the index, which refers to it). True if it did."""
-    assert vi.rows is not None
-    if vi.kind != KIND_IVFPQ or (
-            vi.vector_token and (vi.rows >= 0).all()
-            and _vector_file_ok(settings, vi.vector_token, vi.dim, vi.vector_rows)):
+    if vi.kind != KIND_IVFPQ or vector_file_complete(vi, settings):
         return False
     ids, vecs, _ = catalogue.indexed_vectors_and_fingerprints(model_id, info.dim)
     if not np.array_equal(ids, vi.ids):  # the catalogue moved on meanwhile: next time

@@ -28,9 +28,9 @@ from clipsearch.errors import (
     ModelMismatchError,
     UsageError,
 )
+from clipsearch.crawler import some_paths
 from clipsearch.imaging import decode_file
 from clipsearch.indexer import ensure_index
-
 from clipsearch.vector_index import candidate_count, search_index, to_gpu, wants_gpu
 from clipsearch.vector_store import VectorFile, vector_file_path
 
@@ -399,22 +399,15 @@ def _rank(session: _Session, qvec: np.ndarray, opts: SearchOptions, exclude: set
             row = rows.get(image_id)
             if row is None:
                 continue
-            try:
-                st = os.stat(row.path)
-                gone_now = not stat.S_ISREG(st.st_mode)  # replaced by a folder, say
-            except (FileNotFoundError, NotADirectoryError):  # a dangling link too
-                gone_now = True
-            except OSError:  # unreadable (permissions): it may well be there
-                gone_now = False
-            else:
-                if (st.st_size, st.st_mtime_ns) != (row.size, row.mtime_ns) and not gone_now:
-                    changed.append(row.path)
-            if gone_now:
+            state = _file_state(row)
+            if state == "gone":
                 if roots is None:
                     roots = sorted(cat.roots(), key=len, reverse=True)
                 if _source_present(row.path, roots):
                     gone[image_id] = row.path
                     continue
+            elif state == "changed":
+                changed.append(row.path)
             present.append((score, row))
         timings["check"] = timings.get("check", 0.0) + time.perf_counter() - t0
         if (len(present) >= opts.top_k or len(chosen) < count
@@ -425,17 +418,13 @@ def _rank(session: _Session, qvec: np.ndarray, opts: SearchOptions, exclude: set
     shown_paths = {r.path for _, r in present}
     changed = [p for p in dict.fromkeys(changed) if p in shown_paths]
     if changed:
-        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more"
-                                          if len(changed) > 3 else "")
         notices.append(f"{len(changed)} result{'' if len(changed) == 1 else 's'} changed since "
-                       f"the last index run ({shown}): ranked by the old content until "
-                       "`clipsearch index` runs")
+                       f"the last index run ({some_paths(changed)}): ranked by the old content "
+                       "until `clipsearch index` runs")
     if gone:
-        paths = list(gone.values())
-        shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
-        notices.append(f"left out {len(paths)} file{'' if len(paths) == 1 else 's'} deleted "
-                       f"since the last index run ({shown}); `clipsearch index` updates the "
-                       "catalogue")
+        notices.append(f"left out {len(gone)} file{'' if len(gone) == 1 else 's'} deleted "
+                       f"since the last index run ({some_paths(list(gone.values()))}); "
+                       "`clipsearch index` updates the catalogue")
     if opts.margin is not None and present:
         best = present[0][0]
         present = [(s, r) for s, r in present if s >= best - opts.margin]
@@ -489,8 +478,8 @@ def _candidate_vectors(session: _Session, vi: Any, cand: np.ndarray
     vf = session.vector_file(vi) if cand.size else None
     if vf is not None:
         pos = np.searchsorted(vi.ids, cand).clip(max=max(vi.ids.size - 1, 0))
-        live = cand[vi.ids[pos] == cand]  # dead IVF-PQ entries drop out here
-        rows = vi.rows[pos[vi.ids[pos] == cand]]
+        indexed = vi.ids[pos] == cand  # dead IVF-PQ entries drop out here
+        live, rows = cand[indexed], vi.rows[pos[indexed]]
         try:
             from_file = vf.read_rows(rows[rows >= 0])
         except OSError:
@@ -512,6 +501,21 @@ def _candidate_vectors(session: _Session, vi: Any, cand: np.ndarray
             return (np.concatenate([live[rows >= 0], ids]),
                     np.concatenate([from_file, vecs]))
     return session.catalogue.vectors_by_ids(cand.tolist(), session.model_id, session.info.dim)
+
+
+def _file_state(row: ImageRow) -> str:
+    """"gone" (no file, a dangling link, a folder in its place), "changed" (another size or
+    time than indexed) or "same"; a file that cannot be stat'ed (permissions) counts as
+    the same: it may well be there."""
+    try:
+        st = os.stat(row.path)
+    except (FileNotFoundError, NotADirectoryError):
+        return "gone"
+    except OSError:
+        return "same"
+    if not stat.S_ISREG(st.st_mode):
+        return "gone"
+    return "same" if (st.st_size, st.st_mtime_ns) == (row.size, row.mtime_ns) else "changed"
 
 
 def _source_present(path: str, roots: list[str]) -> bool:
