@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clipsearch.catalogue.models import STATE_INDEXED
+from clipsearch.catalogue.schema import STATE_INDEXED
 from clipsearch.config import Settings
 from clipsearch.encoder import Encoder
 from clipsearch.errors import UsageError

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from clipsearch.catalogue.models import STATE_INDEXED, STATE_PENDING
+from clipsearch.catalogue.schema import STATE_INDEXED, STATE_PENDING
 from clipsearch.catalogue.store import Catalogue, WriterLock
 from clipsearch.config import Settings
 from clipsearch.crawler import some_paths
@@ -67,16 +67,6 @@ def integrity_check(path: Path) -> list[str]:
     return result
 
 
-def _quick_check(cat: Catalogue) -> list[str]:
-    with cat.engine.connect() as conn:
-        raw = conn.connection.dbapi_connection
-        assert raw is not None
-        try:
-            return [str(r[0]) for r in raw.execute("PRAGMA quick_check")]
-        except sqlite3.DatabaseError as err:
-            return [str(err)]
-
-
 def check_catalogue(settings: Settings, repair: bool = False) -> CheckReport:
     """Check integrity, index agreement and files on disk; with repair, fix what can be."""
     report = CheckReport(codecs=codec_support())
@@ -104,7 +94,7 @@ def _check(settings: Settings, report: CheckReport, repair: bool) -> None:
     from clipsearch.indexer import ensure_index
 
     with Catalogue(settings.db_path, create=False) as cat:
-        if _quick_check(cat) != ["ok"]:
+        if cat.quick_check() != ["ok"]:
             raise CatalogueDamagedError(f"the catalogue {settings.db_path} is damaged")
         model = cat.active_model()
         if model is None:

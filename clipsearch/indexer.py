@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from clipsearch.catalogue.models import STATE_FAILED, STATE_INDEXED, STATE_MISSING, STATE_PENDING
+from clipsearch.catalogue.schema import STATE_FAILED, STATE_INDEXED, STATE_MISSING, STATE_PENDING
 from clipsearch.catalogue.store import Catalogue, StoredFile, WriterLock
 from clipsearch.config import Settings
 from clipsearch.crawler import FileInfo, ScanProblem, scan_directories

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 
 import numpy as np
 
-from clipsearch.catalogue.models import STATE_INDEXED
+from clipsearch.catalogue.schema import STATE_INDEXED
 from clipsearch.catalogue.store import Catalogue, ImageRow, WriterLock
 from clipsearch.config import Settings
 from clipsearch.encoder import Encoder, ModelInfo, load_encoder, resolve_spec

@@ -260,8 +260,6 @@ def test_disk_full_gives_a_clear_error_and_keeps_earlier_batches(
 ) -> None:
     import sqlite3
 
-    from sqlalchemy.exc import OperationalError
-
     from clipsearch.catalogue.store import Catalogue as Cat
     from clipsearch.errors import CatalogueError
 
@@ -274,8 +272,7 @@ def test_disk_full_gives_a_clear_error_and_keeps_earlier_batches(
         calls["n"] += 1
         if calls["n"] > 1:
             with self._write():
-                raise OperationalError("INSERT", {}, sqlite3.OperationalError(
-                    "database or disk is full"))
+                raise sqlite3.OperationalError("database or disk is full")
         return real(self, *a, **k)
 
     monkeypatch.setattr(Cat, "write_batch", full_after_one)

@@ -5,11 +5,13 @@ from __future__ import annotations
 from sqlalchemy import BigInteger, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-STATE_PENDING = "pending"
-STATE_INDEXED = "indexed"
-STATE_FAILED = "failed"
-STATE_MISSING = "missing"
-STATES = (STATE_PENDING, STATE_INDEXED, STATE_FAILED, STATE_MISSING)
+from clipsearch.catalogue.schema import (  # noqa: F401 (re-exported)
+    STATE_FAILED,
+    STATE_INDEXED,
+    STATE_MISSING,
+    STATE_PENDING,
+    STATES,
+)
 
 
 class Base(DeclarativeBase):

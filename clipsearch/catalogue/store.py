@@ -1,4 +1,8 @@
-"""Open, migrate, lock and query the catalogue (SQLite, WAL, batched transactions)."""
+"""Open, migrate, lock and query the catalogue (SQLite, WAL, batched transactions).
+
+Queries run as plain SQL on one sqlite3 connection; SQLAlchemy and Alembic are imported only
+to migrate an older catalogue (and for `Catalogue.engine`), so a search does not pay their
+~0.3 s of imports. The tables are those of models.py (the ORM the migrations agree with)."""
 
 from __future__ import annotations
 
@@ -6,33 +10,29 @@ import os
 import sqlite3
 import time
 import urllib.parse
-from contextlib import contextmanager
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from sqlalchemy import Engine, Integer, Text, cast, create_engine, delete, event, func, select, update
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import DatabaseError, OperationalError
 
-from clipsearch.catalogue.models import (
+from clipsearch.catalogue.schema import (
+    IMAGE_COLUMNS,
+    MODEL_COLUMNS,
+    SCHEMA_HEAD,
     STATE_FAILED,
     STATE_INDEXED,
     STATE_MISSING,
     STATE_PENDING,
     STATES,
-    Embedding,
-    ImageLabel,
-    ImageRecord,
-    Meta,
-    ModelRecord,
-    Root,
 )
 from clipsearch.errors import CatalogueBusyError, CatalogueDamagedError, CatalogueError
 
-SCHEMA_HEAD = "0002_image_labels"
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
 BUSY_TIMEOUT_MS = 30_000
 META_ACTIVE_MODEL = "active_model_key"
 META_GENERATION = "generation"
@@ -48,6 +48,21 @@ class StoredFile:
     state: str
     content_hash: str | None
     attempts: int
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    """A model that produced vectors (a row of the models table)."""
+
+    id: int
+    key: str
+    spec: str
+    arch: str
+    pretrained: str | None
+    checkpoint_hash: str | None
+    open_clip_version: str
+    dim: int
+    created_at: float
 
 
 @dataclass(frozen=True)
@@ -120,6 +135,12 @@ def known_revisions() -> set[str]:
     return {rev.revision for rev in script.walk_revisions()}
 
 
+_INDEXED_JOIN = ("FROM images AS i JOIN embeddings AS e ON e.content_hash = i.content_hash "
+                 f"WHERE e.model_id = ? AND i.state = '{STATE_INDEXED}'")
+_ROW_COLS = "id, path, size, mtime_ns, width, height, format, captured_at, state, error"
+_ROWS_PER_PAGE = 10_000
+
+
 class Catalogue:
     """A handle on one catalogue file; migrates it to the current schema on open."""
 
@@ -142,67 +163,103 @@ class Catalogue:
         self.readonly = readonly or not writable
         if self.readonly and not exists:
             raise CatalogueError(f"cannot create {self.path}: folder is not writable")
-        self.engine = self._make_engine()
+        self._engine: Engine | None = None
+        self._db = self._connect()
         try:
             self._migrate()
         except CatalogueError:
-            self.engine.dispose()
+            self.close()
             raise
-        except DatabaseError as err:
-            self.engine.dispose()
+        except sqlite3.DatabaseError as err:
+            self.close()
             raise CatalogueError(
-                f"{self.path}: not a clipsearch catalogue or damaged ({err.orig})",
+                f"{self.path}: not a clipsearch catalogue or damaged ({err})",
                 hint="the file was left untouched; move it aside or use another --db",
             ) from err
 
-    def _make_engine(self) -> Engine:
+    def _connect(self, autocommit: bool = True) -> sqlite3.Connection:
+        """A connection with the catalogue's settings. Autocommit for the catalogue's own one
+        (_write opens its transactions); the driver's implicit transactions for SQLAlchemy."""
         path = str(self.path)
-        readonly = self.readonly
-
-        def connect() -> sqlite3.Connection:
-            if readonly:
+        timeout = BUSY_TIMEOUT_MS / 1000
+        isolation: Literal["DEFERRED"] | None = None if autocommit else "DEFERRED"
+        try:
+            if self.readonly:
                 uri = "file:" + urllib.parse.quote(path) + "?mode=ro"
-                conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
-                                       check_same_thread=False)
+                conn = sqlite3.connect(uri, uri=True, timeout=timeout, check_same_thread=False,
+                                       isolation_level=isolation)
                 try:
                     conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
                 except sqlite3.OperationalError:
                     # A WAL catalogue in a folder we cannot write has no -shm file to share:
                     # read it as immutable (nobody can be writing what we may not write).
                     conn.close()
-                    conn = sqlite3.connect(uri + "&immutable=1", uri=True,
-                                           timeout=BUSY_TIMEOUT_MS / 1000,
-                                           check_same_thread=False)
+                    conn = sqlite3.connect(uri + "&immutable=1", uri=True, timeout=timeout,
+                                           check_same_thread=False, isolation_level=isolation)
             else:
-                conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000,
-                                       check_same_thread=False)
-            return conn
-
-        engine = create_engine("sqlite://", creator=connect)
-
-        @event.listens_for(engine, "handle_error")
-        def _damaged(ctx: Any) -> BaseException | None:
-            # Corruption anywhere in the file surfaces at some query: name the file.
-            err = ctx.original_exception
-            if "unable to open database file" in str(err):
-                return CatalogueError(f"cannot open the catalogue {path}: {err}",
-                                      hint="check that you may read it and its folder")
-            return damage_error(Path(path), err)
-
-        @event.listens_for(engine, "connect")
-        def _pragmas(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
-            cur = dbapi_conn.cursor()
-            cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            if not readonly:
-                cur.execute("PRAGMA journal_mode=WAL")
+                conn = sqlite3.connect(path, timeout=timeout, check_same_thread=False,
+                                       isolation_level=isolation)
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            if not self.readonly:
+                conn.execute("PRAGMA journal_mode=WAL")
                 # FULL: a committed batch survives a power cut too (WAL + NORMAL may lose the
                 # last commits); measured cost: ~0.2 ms per batch commit, next to seconds of
                 # encoding per batch.
-                cur.execute("PRAGMA synchronous=FULL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
+                conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.DatabaseError as err:
+            raise self._error(err) from err
+        return conn
 
-        return engine
+    def _error(self, err: sqlite3.Error) -> CatalogueError:
+        """SQLite's failure as a one-line CatalogueError naming the file."""
+        if "unable to open database file" in str(err):
+            return CatalogueError(f"cannot open the catalogue {self.path}: {err}",
+                                  hint="check that you may read it and its folder")
+        damaged = damage_error(self.path, err)
+        if damaged is not None:
+            return damaged
+        return CatalogueError(f"{self.path}: {err}")
+
+    @property
+    def engine(self) -> Engine:
+        """A SQLAlchemy engine on this catalogue (migrations, maintenance), made on first use."""
+        if self._engine is None:
+            from sqlalchemy import create_engine, event
+
+            self._engine = engine = create_engine(
+                "sqlite://", creator=lambda: self._connect(autocommit=False))
+
+            @event.listens_for(engine, "handle_error")
+            def _damaged(ctx: Any) -> BaseException | None:
+                err = ctx.original_exception
+                return self._error(err) if isinstance(err, sqlite3.Error) else None
+
+        return self._engine
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Every row of one read; damage becomes an error naming the file."""
+        try:
+            return self._db.execute(sql, params).fetchall()
+        except sqlite3.DatabaseError as err:
+            raise self._error(err) from err
+
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        rows = self._rows(sql, params)
+        return rows[0] if rows else None
+
+    def _read_revision(self) -> str | None:
+        tables = {r[0] for r in self._db.execute(
+            "SELECT name FROM sqlite_master WHERE type='table'")}
+        if "alembic_version" not in tables:
+            if tables:
+                raise CatalogueError(
+                    f"{self.path}: not a clipsearch catalogue (it holds other tables)",
+                    hint="the file was left untouched; use another --db",
+                )
+            return None
+        row = self._db.execute("SELECT version_num FROM alembic_version").fetchone()
+        return str(row[0]) if row else None
 
     def _current_revision(self) -> str | None:
         try:
@@ -212,23 +269,6 @@ class Catalogue:
             if damaged is None:
                 raise
             raise damaged from err
-
-    def _read_revision(self) -> str | None:
-        with self.engine.connect() as conn:
-            raw = conn.connection.dbapi_connection
-            assert raw is not None
-            tables = {
-                r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")
-            }
-            if "alembic_version" not in tables:
-                if tables:
-                    raise CatalogueError(
-                        f"{self.path}: not a clipsearch catalogue (it holds other tables)",
-                        hint="the file was left untouched; use another --db",
-                    )
-                return None
-            row = raw.execute("SELECT version_num FROM alembic_version").fetchone()
-            return str(row[0]) if row else None
 
     def _migrate(self) -> None:
         current = self._current_revision()
@@ -242,32 +282,55 @@ class Catalogue:
         if self.readonly:
             raise CatalogueError(f"{self.path} needs a schema upgrade but is read-only")
         from alembic import command
+        from sqlalchemy.exc import DatabaseError
 
-        with self._write() as conn:
-            command.upgrade(_alembic_config(conn), "head")
-
-    def close(self) -> None:
-        self.engine.dispose()
-
-    @contextmanager
-    def _write(self) -> Iterator[Any]:
-        """One write transaction; SQLite's failures become one-line CatalogueErrors."""
         try:
             with self.engine.begin() as conn:
+                command.upgrade(_alembic_config(conn), "head")
+        except DatabaseError as err:
+            orig = err.orig if isinstance(err.orig, sqlite3.Error) else None
+            if orig is None:
+                raise CatalogueError(f"cannot upgrade {self.path}: {err}") from err
+            raise orig from err
+
+    def close(self) -> None:
+        self._db.close()
+        if self._engine is not None:
+            self._engine.dispose()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; SQLite's failures become one-line CatalogueErrors."""
+        conn = self._db
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
                 yield conn
-        except OperationalError as err:
-            reason = str(err.orig) if err.orig is not None else str(err)
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.OperationalError as err:
+            if conn.in_transaction:
+                conn.rollback()
+            reason = str(err)
             if "locked" in reason or "busy" in reason:
                 raise CatalogueError(
                     f"{self.path}: still locked by another process after "
                     f"{BUSY_TIMEOUT_MS // 1000} s ({reason})",
                     hint="another program holds a long write; try again when it is done",
                 ) from err
+            damaged = damage_error(self.path, err)
+            if damaged is not None:
+                raise damaged from err
             raise CatalogueError(f"cannot write {self.path}: {reason}",
                                  hint="free disk space or check permissions; the catalogue "
                                  "keeps every batch written before this") from err
-        except DatabaseError as err:
-            raise CatalogueError(f"cannot write {self.path}: {err.orig or err}") from err
+        except sqlite3.DatabaseError as err:
+            if conn.in_transaction:
+                conn.rollback()
+            raise (damage_error(self.path, err)
+                   or CatalogueError(f"cannot write {self.path}: {err}")) from err
 
     def __enter__(self) -> Catalogue:
         return self
@@ -277,79 +340,63 @@ class Catalogue:
 
     # -- meta and models -------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
-        with self.engine.connect() as conn:
-            return conn.execute(select(Meta.value).where(Meta.key == key)).scalar()
+        row = self._one("SELECT value FROM meta WHERE key = ?", (key,))
+        return None if row is None else str(row[0])
 
     def set_meta(self, key: str, value: str) -> None:
-        stmt = sqlite_insert(Meta).values(key=key, value=value)
-        stmt = stmt.on_conflict_do_update(index_elements=[Meta.key], set_={"value": value})
         with self._write() as conn:
-            conn.execute(stmt)
+            conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
+                         "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
 
-    def model_by_key(self, key: str) -> ModelRecord | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(select(ModelRecord).where(ModelRecord.key == key)).first()
-        if row is None:
-            return None
-        return _model_from_row(row._mapping)
+    def model_by_key(self, key: str) -> StoredModel | None:
+        row = self._one(f"SELECT {', '.join(MODEL_COLUMNS)} FROM models WHERE key = ?", (key,))
+        return None if row is None else StoredModel(*row)
 
-    def active_model(self) -> ModelRecord | None:
+    def active_model(self) -> StoredModel | None:
         key = self.get_meta(META_ACTIVE_MODEL)
         return self.model_by_key(key) if key else None
 
     def register_model(self, values: dict[str, Any], activate: bool = True) -> int:
         """Insert the model if new; make it the catalogue's model. Returns its id."""
         with self._write() as conn:
-            existing = conn.execute(
-                select(ModelRecord.id).where(ModelRecord.key == values["key"])
-            ).scalar()
-            if existing is None:
-                existing = conn.execute(
-                    sqlite_insert(ModelRecord).values(created_at=time.time(), **values)
-                ).inserted_primary_key[0]
+            row = conn.execute("SELECT id FROM models WHERE key = ?", (values["key"],)).fetchone()
+            if row is None:
+                record = {**values, "created_at": time.time()}
+                columns = [c for c in MODEL_COLUMNS if c in record]
+                cur = conn.execute(
+                    f"INSERT INTO models ({', '.join(columns)}) "
+                    f"VALUES ({', '.join('?' * len(columns))})", [record[c] for c in columns])
+                existing = int(cur.lastrowid or 0)
             else:
-                conn.execute(
-                    update(ModelRecord).where(ModelRecord.id == existing).values(spec=values["spec"])
-                )
+                existing = int(row[0])
+                conn.execute("UPDATE models SET spec = ? WHERE id = ?", (values["spec"], existing))
             if activate:
-                stmt = sqlite_insert(Meta).values(key=META_ACTIVE_MODEL, value=values["key"])
-                conn.execute(
-                    stmt.on_conflict_do_update(
-                        index_elements=[Meta.key], set_={"value": values["key"]}
-                    )
-                )
-        return int(existing)
+                conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) "
+                             "DO UPDATE SET value = excluded.value",
+                             (META_ACTIVE_MODEL, values["key"]))
+        return existing
 
     # -- roots and files -------------------------------------------------------------
     def add_roots(self, paths: Iterable[str]) -> None:
-        rows = [{"path": os.fsencode(p), "added_at": time.time()} for p in paths]
+        rows = [(os.fsencode(p), time.time()) for p in paths]
         if rows:
             with self._write() as conn:
-                conn.execute(sqlite_insert(Root).values(rows).on_conflict_do_nothing())
+                conn.executemany("INSERT INTO roots (path, added_at) VALUES (?, ?) "
+                                 "ON CONFLICT DO NOTHING", rows)
 
     def roots(self) -> list[str]:
-        with self.engine.connect() as conn:
-            return [os.fsdecode(r[0]) for r in conn.execute(select(Root.path).order_by(Root.id))]
+        return [os.fsdecode(r[0]) for r in self._rows("SELECT path FROM roots ORDER BY id")]
 
     def files_under(self, prefixes: Sequence[str]) -> dict[str, StoredFile]:
         """Every catalogued path equal to or below one of the prefixes."""
         raw = [os.fsencode(p) for p in prefixes]
-        dirs = [p.rstrip(b"/") + b"/" for p in raw]
-        out: dict[str, StoredFile] = {}
-        cols = (
-            ImageRecord.path,
-            ImageRecord.id,
-            ImageRecord.size,
-            ImageRecord.mtime_ns,
-            ImageRecord.state,
-            ImageRecord.content_hash,
-            ImageRecord.attempts,
-        )
+        dirs = tuple(p.rstrip(b"/") + b"/" for p in raw)
         rawset = set(raw)
-        with self.engine.connect() as conn:
-            for path, image_id, size, mtime_ns, state, chash, att in conn.execute(select(*cols)):
-                if path in rawset or path.startswith(tuple(dirs)):
-                    out[os.fsdecode(path)] = StoredFile(image_id, size, mtime_ns, state, chash, att)
+        out: dict[str, StoredFile] = {}
+        for path, image_id, size, mtime_ns, state, chash, att in self._rows(
+                "SELECT path, id, size, mtime_ns, state, content_hash, attempts FROM images"):
+            if path in rawset or path.startswith(dirs):
+                out[os.fsdecode(path)] = StoredFile(image_id, size, mtime_ns, state, chash, att)
         return out
 
     def write_images(self, rows: Sequence[dict[str, Any]]) -> dict[str, int]:
@@ -362,8 +409,7 @@ class Catalogue:
             paths = [os.fsencode(r["path"]) for r in rows]
             for chunk in _chunks(paths, 500):
                 for p, image_id in conn.execute(
-                    select(ImageRecord.path, ImageRecord.id).where(ImageRecord.path.in_(chunk))
-                ):
+                        f"SELECT path, id FROM images WHERE path IN ({_marks(chunk)})", chunk):
                     ids[os.fsdecode(p)] = image_id
         return ids
 
@@ -379,17 +425,11 @@ class Catalogue:
             _bump_generation(conn)
             _drop_labels_of_changed_content(conn, rows)
             if vectors:
-                # executemany: one prepared statement however large the batch (bulk loads).
-                conn.execute(
-                    sqlite_insert(Embedding).on_conflict_do_nothing(),
-                    [
-                        {
-                            "content_hash": h,
-                            "model_id": model_id,
-                            "vector": np.asarray(v, dtype=np.float32).tobytes(),
-                        }
-                        for h, v in vectors.items()
-                    ],
+                conn.executemany(
+                    "INSERT INTO embeddings (content_hash, model_id, vector) VALUES (?, ?, ?) "
+                    "ON CONFLICT DO NOTHING",
+                    [(h, model_id, np.asarray(v, dtype=np.float32).tobytes())
+                     for h, v in vectors.items()],
                 )
             _upsert_images(conn, rows, time.time())
 
@@ -410,25 +450,16 @@ class Catalogue:
             return
         with self._write() as conn:
             _bump_generation(conn)
-            for chunk in _chunks(list(image_ids), 500):
-                conn.execute(
-                    update(ImageRecord)
-                    .where(ImageRecord.id.in_(chunk))
-                    .values(state=state, updated_at=time.time())
-                )
+            for chunk in _chunks([int(i) for i in image_ids], 500):
+                conn.execute(f"UPDATE images SET state = ?, updated_at = ? "
+                             f"WHERE id IN ({_marks(chunk)})", (state, time.time(), *chunk))
 
     def known_hashes(self, hashes: Sequence[str], model_id: int) -> set[str]:
         out: set[str] = set()
-        with self.engine.connect() as conn:
-            for chunk in _chunks(list(hashes), 500):
-                out.update(
-                    r[0]
-                    for r in conn.execute(
-                        select(Embedding.content_hash).where(
-                            Embedding.model_id == model_id, Embedding.content_hash.in_(chunk)
-                        )
-                    )
-                )
+        for chunk in _chunks(list(hashes), 500):
+            out.update(r[0] for r in self._rows(
+                f"SELECT content_hash FROM embeddings WHERE model_id = ? "
+                f"AND content_hash IN ({_marks(chunk)})", (int(model_id), *chunk)))
         return out
 
     # -- vectors ---------------------------------------------------------------------
@@ -441,212 +472,147 @@ class Catalogue:
                                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """indexed_vectors plus each image's content fingerprint (indexed_fingerprints), read
         in one statement so the two agree."""
-        stmt = (
-            select(ImageRecord.id, Embedding.vector,
-                   func.substr("0000000000000000" + ImageRecord.content_hash, -16))
-            .join(Embedding, Embedding.content_hash == ImageRecord.content_hash)
-            .where(Embedding.model_id == model_id, ImageRecord.state == STATE_INDEXED)
-            .order_by(ImageRecord.id)
-        )
-        ids: list[int] = []
-        blobs: list[bytes] = []
-        hexes: list[str] = []
-        with self.engine.connect() as conn:
-            for image_id, blob, hex16 in conn.execute(stmt):
-                ids.append(image_id)
-                blobs.append(blob)
-                hexes.append(hex16)
-        vecs = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(ids), dim)
-        return np.asarray(ids, dtype=np.int64), vecs, hex_fingerprints(hexes)
+        rows = self._rows(f"SELECT i.id, e.vector, substr('0000000000000000' || i.content_hash, "
+                          f"-16) {_INDEXED_JOIN} ORDER BY i.id", (int(model_id),))
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(
+            len(rows), dim)
+        return ids, vecs, hex_fingerprints([r[2] for r in rows])
 
     def indexed_id_digest(self, model_id: int) -> tuple[int, int, int]:
         """(count, sum, hashed sum) of the indexed ids, computed inside SQLite: compared with
         vector_index.id_digest of the FAISS file's ids, it shows whether the two id sets
         differ without moving the ids into Python."""
-        stmt = (
-            select(
-                func.count(ImageRecord.id),
-                func.coalesce(func.sum(ImageRecord.id), 0),
-                func.coalesce(func.sum((ImageRecord.id * ID_DIGEST_MULTIPLIER) % 2**32), 0),
-            )
-            .join(Embedding, Embedding.content_hash == ImageRecord.content_hash)
-            .where(Embedding.model_id == model_id, ImageRecord.state == STATE_INDEXED)
-        )
-        with self.engine.connect() as conn:
-            row = conn.execute(stmt).one()
+        row = self._one(
+            f"SELECT count(i.id), coalesce(sum(i.id), 0), "
+            f"coalesce(sum((i.id * {ID_DIGEST_MULTIPLIER}) % {2**32}), 0) {_INDEXED_JOIN}",
+            (int(model_id),))
         return int(row[0]), int(row[1]), int(row[2])
 
     def indexed_fingerprints(self, model_id: int) -> tuple[np.ndarray, np.ndarray]:
         """(image_ids, content fingerprints) of every indexed image, by id: the fingerprint is
         the last 64 bits of the content hash, so an id whose file changed shows a new one."""
-        images, embeddings = ImageRecord.__tablename__, Embedding.__tablename__
-        sql = (f"SELECT i.id, substr('0000000000000000' || i.content_hash, -16) FROM {images} "
-               f"AS i JOIN {embeddings} AS e ON e.content_hash = i.content_hash "
-               f"WHERE e.model_id = ? AND i.state = ? ORDER BY i.id")
-        # The sqlite3 cursor itself: SQLAlchemy's row objects doubled the time (1M rows:
-        # 2.4 s against 1.4 s), so damage is mapped here as the engine's hook would.
-        with self.engine.connect() as conn:
-            raw = conn.connection.driver_connection
-            assert raw is not None
-            try:
-                rows = raw.execute(sql, (int(model_id), STATE_INDEXED)).fetchall()
-            except sqlite3.DatabaseError as err:
-                raise (damage_error(self.path, err) or err) from err
+        rows = self._rows(f"SELECT i.id, substr('0000000000000000' || i.content_hash, -16) "
+                          f"{_INDEXED_JOIN} ORDER BY i.id", (int(model_id),))
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         return ids, hex_fingerprints([r[1] for r in rows])
 
     def indexed_ids(self, model_id: int) -> np.ndarray:
-        stmt = (
-            select(ImageRecord.id)
-            .join(Embedding, Embedding.content_hash == ImageRecord.content_hash)
-            .where(Embedding.model_id == model_id, ImageRecord.state == STATE_INDEXED)
-        )
-        with self.engine.connect() as conn:
-            return np.fromiter((r[0] for r in conn.execute(stmt)), dtype=np.int64)
+        rows = self._rows(f"SELECT i.id {_INDEXED_JOIN}", (int(model_id),))
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
     def vectors_by_ids(
         self, image_ids: Sequence[int], model_id: int, dim: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """Vectors of those ids that are still indexed: (ids, vectors)."""
-        # The re-rank step of every ANN query: plain SQL on the driver connection (the same
-        # statement through SQLAlchemy Core took 2.3x as long for 200 ids: 3.7 vs 1.6 ms).
         ids: list[int] = []
         blobs: list[bytes] = []
-        images, embeddings = ImageRecord.__tablename__, Embedding.__tablename__
-        with self.engine.connect() as conn:
-            for chunk in _chunks([int(i) for i in image_ids], 500):
-                sql = (f"SELECT i.id, e.vector FROM {images} AS i JOIN {embeddings} AS e "
-                       f"ON e.content_hash = i.content_hash WHERE e.model_id = ? "
-                       f"AND i.state = ? AND i.id IN ({','.join('?' * len(chunk))})")
-                for image_id, blob in conn.exec_driver_sql(
-                        sql, (int(model_id), STATE_INDEXED, *chunk)):
-                    ids.append(image_id)
-                    blobs.append(blob)
+        for chunk in _chunks([int(i) for i in image_ids], 500):
+            for image_id, blob in self._rows(
+                    f"SELECT i.id, e.vector {_INDEXED_JOIN} AND i.id IN ({_marks(chunk)})",
+                    (int(model_id), *chunk)):
+                ids.append(image_id)
+                blobs.append(blob)
         vecs = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(ids), dim)
         return np.asarray(ids, dtype=np.int64), vecs
 
     def vector_for_path(self, path: str, model_id: int) -> np.ndarray | None:
-        stmt = (
-            select(Embedding.vector)
-            .join(ImageRecord, Embedding.content_hash == ImageRecord.content_hash)
-            .where(Embedding.model_id == model_id, ImageRecord.path == os.fsencode(path),
-                   ImageRecord.state == STATE_INDEXED)
-        )
-        with self.engine.connect() as conn:
-            blob = conn.execute(stmt).scalar()
-        return None if blob is None else np.frombuffer(blob, dtype=np.float32)
+        row = self._one(f"SELECT e.vector {_INDEXED_JOIN} AND i.path = ?",
+                        (int(model_id), os.fsencode(path)))
+        return None if row is None else np.frombuffer(row[0], dtype=np.float32)
 
     def reusable(self, content_hash: str, model_id: int) -> dict[str, Any] | None:
         """If this content already has a vector for the model: metadata to copy, else None."""
-        with self.engine.connect() as conn:
-            has = conn.execute(
-                select(Embedding.content_hash).where(
-                    Embedding.model_id == model_id, Embedding.content_hash == content_hash
-                )
-            ).first()
-            if has is None:
-                return None
-            row = conn.execute(
-                select(
-                    ImageRecord.width, ImageRecord.height, ImageRecord.format,
-                    ImageRecord.captured_at,
-                ).where(ImageRecord.content_hash == content_hash, ImageRecord.width.is_not(None))
-            ).first()
+        if self._one("SELECT 1 FROM embeddings WHERE model_id = ? AND content_hash = ?",
+                     (int(model_id), content_hash)) is None:
+            return None
+        row = self._one("SELECT width, height, format, captured_at FROM images "
+                        "WHERE content_hash = ? AND width IS NOT NULL LIMIT 1", (content_hash,))
         if row is None:
             return {}
         return {"width": row[0], "height": row[1], "format": row[2], "captured_at": row[3]}
 
     def vector_for_hash(self, content_hash: str, model_id: int) -> np.ndarray | None:
-        stmt = select(Embedding.vector).where(
-            Embedding.model_id == model_id, Embedding.content_hash == content_hash
-        )
-        with self.engine.connect() as conn:
-            blob = conn.execute(stmt).scalar()
-        return None if blob is None else np.frombuffer(blob, dtype=np.float32)
+        row = self._one("SELECT vector FROM embeddings WHERE model_id = ? AND content_hash = ?",
+                        (int(model_id), content_hash))
+        return None if row is None else np.frombuffer(row[0], dtype=np.float32)
 
     def image_id_for_path(self, path: str) -> int | None:
-        with self.engine.connect() as conn:
-            return conn.execute(
-                select(ImageRecord.id).where(ImageRecord.path == os.fsencode(path))
-            ).scalar()
+        row = self._one("SELECT id FROM images WHERE path = ?", (os.fsencode(path),))
+        return None if row is None else int(row[0])
 
     def images_by_ids(self, image_ids: Sequence[int]) -> dict[int, ImageRow]:
         out: dict[int, ImageRow] = {}
-        with self.engine.connect() as conn:
-            for chunk in _chunks([int(i) for i in image_ids], 500):
-                for r in conn.execute(select(*_ROW_COLS).where(ImageRecord.id.in_(chunk))):
-                    out[r[0]] = _image_row(r)
+        for chunk in _chunks([int(i) for i in image_ids], 500):
+            for r in self._rows(f"SELECT {_ROW_COLS} FROM images WHERE id IN ({_marks(chunk)})",
+                                chunk):
+                out[r[0]] = _image_row(r)
         return out
 
     def images(self, state: str | None = None) -> Iterator[ImageRow]:
-        stmt = select(*_ROW_COLS).order_by(ImageRecord.id)
-        if state is not None:
-            stmt = stmt.where(ImageRecord.state == state)
-        with self.engine.connect() as conn:
-            for r in conn.execute(stmt):
+        """Every image row by id (read a page at a time, so callers may write meanwhile)."""
+        where = "" if state is None else "AND state = ? "
+        last = -(2**63)
+        while True:
+            page = self._rows(f"SELECT {_ROW_COLS} FROM images WHERE id > ? {where}"
+                              f"ORDER BY id LIMIT {_ROWS_PER_PAGE}",
+                              (last,) if state is None else (last, state))
+            for r in page:
                 yield _image_row(r)
+            if len(page) < _ROWS_PER_PAGE:
+                return
+            last = page[-1][0]
 
     # -- labels ----------------------------------------------------------------------
     def write_labels(self, labels: Sequence[tuple[int, str, float]], model_id: int) -> None:
         """Store (image_id, label, confidence) from one classification run."""
         now = time.time()
         with self._write() as conn:
-            for image_id, label, confidence in labels:
-                values = {"label": label, "confidence": float(confidence),
-                          "model_id": model_id, "classified_at": now}
-                stmt = sqlite_insert(ImageLabel).values(image_id=image_id, **values)
-                conn.execute(
-                    stmt.on_conflict_do_update(index_elements=[ImageLabel.image_id], set_=values)
-                )
+            conn.executemany(
+                "INSERT INTO image_labels (image_id, label, confidence, model_id, classified_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (image_id) DO UPDATE SET "
+                "label = excluded.label, confidence = excluded.confidence, "
+                "model_id = excluded.model_id, classified_at = excluded.classified_at",
+                [(int(i), label, float(conf), int(model_id), now) for i, label, conf in labels])
 
     def labels_of(self, image_ids: Sequence[int]) -> dict[int, tuple[str, float]]:
         out: dict[int, tuple[str, float]] = {}
-        with self.engine.connect() as conn:
-            for chunk in _chunks([int(i) for i in image_ids], 500):
-                for image_id, label, conf in conn.execute(
-                    select(ImageLabel.image_id, ImageLabel.label, ImageLabel.confidence).where(
-                        ImageLabel.image_id.in_(chunk)
-                    )
-                ):
-                    out[image_id] = (label, conf)
+        for chunk in _chunks([int(i) for i in image_ids], 500):
+            for image_id, label, conf in self._rows(
+                    f"SELECT image_id, label, confidence FROM image_labels "
+                    f"WHERE image_id IN ({_marks(chunk)})", chunk):
+                out[image_id] = (label, conf)
         return out
 
     def ids_with_label(self, label: str) -> set[int]:
-        with self.engine.connect() as conn:
-            return {
-                r[0]
-                for r in conn.execute(
-                    select(ImageLabel.image_id).where(
-                        func.lower(ImageLabel.label) == label.lower()
-                    )
-                )
-            }
+        return {r[0] for r in self._rows(
+            "SELECT image_id FROM image_labels WHERE lower(label) = ?", (label.lower(),))}
 
     # -- reporting -------------------------------------------------------------------
     def count_by_state(self) -> dict[str, int]:
         counts = {s: 0 for s in STATES}
-        with self.engine.connect() as conn:
-            for state, n in conn.execute(
-                select(ImageRecord.state, func.count()).group_by(ImageRecord.state)
-            ):
-                counts[state] = n
+        for state, n in self._rows("SELECT state, count(*) FROM images GROUP BY state"):
+            counts[state] = n
         return counts
 
     def failures(self) -> list[tuple[str, str, int]]:
-        stmt = (
-            select(ImageRecord.path, ImageRecord.error, ImageRecord.attempts)
-            .where(ImageRecord.state == STATE_FAILED)
-            .order_by(ImageRecord.path)
-        )
-        with self.engine.connect() as conn:
-            return [(os.fsdecode(p), e or "", a) for p, e, a in conn.execute(stmt)]
+        return [(os.fsdecode(p), e or "", a) for p, e, a in self._rows(
+            "SELECT path, error, attempts FROM images WHERE state = ? ORDER BY path",
+            (STATE_FAILED,))]
+
+    def quick_check(self) -> list[str]:
+        """SQLite's PRAGMA quick_check of this catalogue: ["ok"] when the file is sound."""
+        try:
+            return [str(r[0]) for r in self._db.execute("PRAGMA quick_check")]
+        except sqlite3.DatabaseError as err:
+            return [str(err)]
 
     def drop_orphan_embeddings(self) -> int:
         """Delete vectors no image row refers to any more."""
-        used = select(ImageRecord.content_hash).where(ImageRecord.content_hash.is_not(None))
         with self._write() as conn:
-            res = conn.execute(delete(Embedding).where(Embedding.content_hash.not_in(used)))
-        return int(res.rowcount or 0)
+            cur = conn.execute("DELETE FROM embeddings WHERE content_hash NOT IN "
+                               "(SELECT content_hash FROM images WHERE content_hash IS NOT NULL)")
+        return int(cur.rowcount or 0)
 
 
 _HEX_VALUES = np.zeros(256, np.uint64)
@@ -666,9 +632,13 @@ def hex_fingerprints(hex16: Sequence[str]) -> np.ndarray:
     return np.bitwise_or.reduce(nibbles << _NIBBLE_SHIFTS, axis=1).view(np.int64)
 
 
-def _upsert_images(conn: Any, rows: Sequence[dict[str, Any]], now: float) -> None:
+def _marks(items: Sequence[Any]) -> str:
+    return ",".join("?" * len(items))
+
+
+def _upsert_images(conn: sqlite3.Connection, rows: Sequence[dict[str, Any]], now: float) -> None:
     """Insert or update image rows by path, in order: one executemany per run of rows that
-    give the same columns."""
+    give the same columns. A new row starts with 0 attempts unless the row says otherwise."""
     groups: list[tuple[tuple[str, ...], list[dict[str, Any]]]] = []
     for row in rows:
         values = dict(row)
@@ -679,71 +649,49 @@ def _upsert_images(conn: Any, rows: Sequence[dict[str, Any]], now: float) -> Non
             groups.append((columns, []))
         groups[-1][1].append(values)
     for columns, group in groups:
-        stmt = sqlite_insert(ImageRecord)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[ImageRecord.path],
-            set_={c: stmt.excluded[c] for c in columns if c != "path"},
-        )
-        conn.execute(stmt, group)
+        unknown = set(columns) - IMAGE_COLUMNS
+        if unknown:
+            raise ValueError(f"not columns of images: {sorted(unknown)}")
+        inserted = columns if "attempts" in columns else (*columns, "attempts")
+        updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c != "path")
+        conn.executemany(
+            f"INSERT INTO images ({', '.join(inserted)}) VALUES ({_marks(inserted)}) "
+            f"ON CONFLICT (path) DO UPDATE SET {updates}",
+            [[v.get(c, 0) if c == "attempts" else v[c] for c in inserted] for v in group])
 
 
-def _drop_labels_of_changed_content(conn: Any, rows: Sequence[dict[str, Any]]) -> None:
+def _drop_labels_of_changed_content(conn: sqlite3.Connection,
+                                    rows: Sequence[dict[str, Any]]) -> None:
     """Delete the labels of rows whose stored content hash differs from the new one (a
     touched file, same content, keeps its label)."""
     new_hash = {os.fsencode(r["path"]): r["content_hash"] for r in rows if "content_hash" in r}
     changed: list[int] = []
     for chunk in _chunks(list(new_hash), 500):
         for path, image_id, old in conn.execute(
-            select(ImageRecord.path, ImageRecord.id, ImageRecord.content_hash).where(
-                ImageRecord.path.in_(chunk))
-        ):
+                f"SELECT path, id, content_hash FROM images WHERE path IN ({_marks(chunk)})",
+                chunk):
             if old is not None and old != new_hash[path]:
                 changed.append(image_id)
     for chunk in _chunks(changed, 500):
-        conn.execute(delete(ImageLabel).where(ImageLabel.image_id.in_(chunk)))
+        conn.execute(f"DELETE FROM image_labels WHERE image_id IN ({_marks(chunk)})", chunk)
 
 
 GENERATION_STEP_MAX = 2**20
 
 
-def _bump_generation(conn: Any) -> None:
+def _bump_generation(conn: sqlite3.Connection) -> None:
     """Move the change counter on by a random step (1 to GENERATION_STEP_MAX): a catalogue
     restored from a backup then changed again never reaches, by counting, the generation an
     index file of its other history recorded."""
-    stmt = sqlite_insert(Meta).values(key=META_GENERATION, value="1")
-    step = (func.random() % GENERATION_STEP_MAX + GENERATION_STEP_MAX) % GENERATION_STEP_MAX + 1
+    m = GENERATION_STEP_MAX
     conn.execute(
-        stmt.on_conflict_do_update(
-            index_elements=[Meta.key],
-            set_={"value": cast(cast(Meta.value, Integer) + step, Text)},
-        )
-    )
-
-
-_ROW_COLS = (
-    ImageRecord.id,
-    ImageRecord.path,
-    ImageRecord.size,
-    ImageRecord.mtime_ns,
-    ImageRecord.width,
-    ImageRecord.height,
-    ImageRecord.format,
-    ImageRecord.captured_at,
-    ImageRecord.state,
-    ImageRecord.error,
-)
+        f"INSERT INTO meta (key, value) VALUES (?, '1') ON CONFLICT (key) DO UPDATE SET "
+        f"value = CAST(CAST(value AS INTEGER) + (random() % {m} + {m}) % {m} + 1 AS TEXT)",
+        (META_GENERATION,))
 
 
 def _image_row(r: Any) -> ImageRow:
     return ImageRow(r[0], os.fsdecode(r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9])
-
-
-def _model_from_row(m: Any) -> ModelRecord:
-    rec = ModelRecord()
-    for col in ("id", "key", "spec", "arch", "pretrained", "checkpoint_hash",
-                "open_clip_version", "dim", "created_at"):
-        setattr(rec, col, m[col] if col in m else m[getattr(ModelRecord, col)])
-    return rec
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -792,4 +740,4 @@ class WriterLock:
             self._fh = None
 
 
-__all__ = ["Catalogue", "WriterLock", "StoredFile", "ImageRow", "OperationalError"]
+__all__ = ["Catalogue", "WriterLock", "StoredFile", "StoredModel", "ImageRow"]
