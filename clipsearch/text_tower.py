@@ -14,6 +14,7 @@ import html
 import importlib.util
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from functools import lru_cache
@@ -68,6 +69,11 @@ def _bpe_tables(vocab_file: str, byte_encoder: dict[int, str],
     vocab.extend(["<start_of_text>", "<end_of_text>"])
     encoder = {v: i for i, v in enumerate(vocab)}
     return encoder, {(m[0], m[1]): i for i, m in enumerate(merges)}
+
+
+_PLAIN_TEXT = re.compile(r"[\t\n\x20-\x25\x27-\x7e]*")
+"""Printable ASCII without '&', tabs and newlines: text that ftfy.fix_text and html.unescape
+return unchanged (tests/test_text_tower.py checks it), so its tokens need neither."""
 
 
 class BpeTokenizer:
@@ -128,9 +134,11 @@ class BpeTokenizer:
         return out
 
     def encode(self, text: str) -> list[int]:
-        import ftfy
+        if not _PLAIN_TEXT.fullmatch(text):  # plain ASCII is what ftfy and unescape leave be
+            import ftfy  # ~50 ms of a cold search's start-up
 
-        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+            text = html.unescape(html.unescape(ftfy.fix_text(text)))
+        text = text.strip()
         text = " ".join(text.split()).strip().lower()
         ids: list[int] = []
         for token in self.pat.findall(text):

@@ -9,11 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings as hyp_settings, strategies as st
 
 from clipsearch.text_tower import BpeTokenizer, NumpyTextEncoder, load_fast_text_encoder
 
 TEXTS = ["a dog on a beach at sunset", "Café crème, naïve façade!", "", "123 x-ray 😀 &amp;",
-         " ".join(["long"] * 100)]
+         " ".join(["long"] * 100), "caf&eacute; &lt;b&gt;", "cafÃ© mojibake", "tab\tand\nline",
+         "  Shout  LOUD \x1b[31m red\x1b[0m\r\n"]
+PLAIN_ASCII = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "&") + "\t\n"
 
 
 def test_tokenizer_matches_open_clip() -> None:
@@ -22,6 +25,19 @@ def test_tokenizer_matches_open_clip() -> None:
     ref = open_clip.get_tokenizer("ViT-B-32")
     ours = BpeTokenizer(77)
     np.testing.assert_array_equal(ours(TEXTS), ref(TEXTS).numpy())
+
+
+@given(st.text(alphabet=PLAIN_ASCII, max_size=60))
+@hyp_settings(max_examples=3000, deadline=None)
+def test_plain_ascii_is_left_alone_by_ftfy_and_unescape(text: str) -> None:
+    """The tokenizer skips ftfy (and its import) for such text: that is only right while
+    ftfy.fix_text and html.unescape return it unchanged."""
+    import html
+
+    import ftfy
+
+    assert ftfy.fix_text(text) == text
+    assert html.unescape(text) == text
 
 
 def test_numpy_text_tower_matches_torch(tiny_encoder) -> None:  # type: ignore[no-untyped-def]
@@ -55,7 +71,8 @@ def test_changed_weights_file_disables_the_fast_path(tiny_encoder, tmp_path: Pat
 
 def test_cold_text_search_never_imports_torch_nor_sqlalchemy(settings, make_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A text search's start-up is its latency: the numpy text tower instead of torch and
-    open_clip, plain sqlite3 instead of SQLAlchemy and Alembic (~0.3 s of imports)."""
+    open_clip, plain sqlite3 instead of SQLAlchemy and Alembic (~0.3 s of imports), and no
+    ftfy for plain ASCII queries."""
     from clipsearch.indexer import run_index
 
     make_image("a.png")
@@ -65,7 +82,7 @@ def test_cold_text_search_never_imports_torch_nor_sqlalchemy(settings, make_imag
         "from clipsearch.config import resolve_settings\n"
         "from clipsearch.search import search\n"
         f"resp = search(resolve_settings(db={str(settings.db_path)!r}), ['a red square'])\n"
-        "heavy = {'torch', 'open_clip', 'sqlalchemy', 'alembic'} & set(sys.modules)\n"
+        "heavy = {'torch', 'open_clip', 'sqlalchemy', 'alembic', 'ftfy'} & set(sys.modules)\n"
         "print(json.dumps({'n': len(resp.results), 'heavy': sorted(heavy)}))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
