@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings as hyp_settings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 
 from clipsearch.text_tower import BpeTokenizer, NumpyTextEncoder, load_fast_text_encoder
 
