@@ -212,3 +212,33 @@ def test_commits_are_durable_against_power_loss(tmp_path: Path) -> None:
             assert raw is not None
             assert raw.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
             assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_other_threads_never_read_an_uncommitted_write(tmp_path: Path) -> None:
+    """Decode threads ask the catalogue for reusable vectors while the main thread writes a
+    batch: they must see committed data only (each thread has its own connection)."""
+    import threading
+
+    with Catalogue(tmp_path / "c.sqlite3") as cat:
+        seen: list[str | None] = []
+        with cat._write() as conn:
+            conn.execute("INSERT INTO meta (key, value) VALUES ('probe', 'uncommitted')")
+            reader = threading.Thread(target=lambda: seen.append(cat.get_meta("probe")))
+            reader.start()
+            reader.join()
+            assert cat.get_meta("probe") == "uncommitted"  # the writer sees its own write
+        assert seen == [None]
+        reader = threading.Thread(target=lambda: seen.append(cat.get_meta("probe")))
+        reader.start()
+        reader.join()
+        assert seen == [None, "uncommitted"]
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path: Path) -> None:
+    with Catalogue(tmp_path / "c.sqlite3") as cat:
+        with pytest.raises(RuntimeError), cat._write() as conn:
+            conn.execute("INSERT INTO meta (key, value) VALUES ('probe', '1')")
+            raise RuntimeError("boom")
+        assert cat.get_meta("probe") is None
+        cat.set_meta("probe", "2")  # and the connection is usable again
+        assert cat.get_meta("probe") == "2"

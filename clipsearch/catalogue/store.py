@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
@@ -164,7 +165,9 @@ class Catalogue:
         if self.readonly and not exists:
             raise CatalogueError(f"cannot create {self.path}: folder is not writable")
         self._engine: Engine | None = None
-        self._db = self._connect()
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
         try:
             self._migrate()
         except CatalogueError:
@@ -176,6 +179,17 @@ class Catalogue:
                 f"{self.path}: not a clipsearch catalogue or damaged ({err})",
                 hint="the file was left untouched; move it aside or use another --db",
             ) from err
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        """This thread's connection (decode threads read while the main thread writes: a
+        shared one would show them its uncommitted batch)."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+            with self._connections_lock:
+                self._connections.append(conn)
+        return conn
 
     def _connect(self, autocommit: bool = True) -> sqlite3.Connection:
         """A connection with the catalogue's settings. Autocommit for the catalogue's own one
@@ -294,7 +308,11 @@ class Catalogue:
             raise orig from err
 
     def close(self) -> None:
-        self._db.close()
+        with self._connections_lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._local = threading.local()
         if self._engine is not None:
             self._engine.dispose()
 
