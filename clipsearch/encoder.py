@@ -45,83 +45,6 @@ class ModelInfo:
         }
 
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """A model's eval transform (open_clip's: shortest-side resize, centre crop, normalise):
-    all that decoding needs of a model, so files can be decoded while it loads."""
-
-    size: int
-    mean: tuple[float, ...] = OPENAI_MEAN
-    std: tuple[float, ...] = OPENAI_STD
-    resample: str = "bicubic"  # or "bilinear"
-
-    def apply(self, image: Image.Image) -> np.ndarray:
-        """The model's input for this image: float32 [3, size, size]."""
-        resample = (Image.Resampling.BILINEAR if self.resample == "bilinear"
-                    else Image.Resampling.BICUBIC)
-        return preprocess_image(image, self.size, np.asarray(self.mean, np.float32),
-                                np.asarray(self.std, np.float32), resample)
-
-    def as_json(self) -> dict[str, Any]:
-        return {"size": self.size, "mean": list(self.mean), "std": list(self.std),
-                "resample": self.resample}
-
-    @classmethod
-    def from_json(cls, raw: Any) -> Preprocessing | None:
-        """The record as_json wrote, or None for anything else."""
-        try:
-            p = cls(int(raw["size"]), tuple(float(v) for v in raw["mean"]),
-                    tuple(float(v) for v in raw["std"]), str(raw["resample"]))
-        except (KeyError, TypeError, ValueError):
-            return None
-        ok = p.size > 0 and len(p.mean) == len(p.std) == 3 and p.resample in (
-            "bicubic", "bilinear")
-        return p if ok else None
-
-
-PREPROCESSING_CACHE_FILE = "preprocessing.json"
-"""In the cache folder: the Preprocessing each model spec loaded with, so the next index run
-can decode its first files while that model loads (and checks the guess once it has)."""
-
-
-def remembered_preprocessing(spec: str) -> Preprocessing | None:
-    """The preprocessing this spec last loaded with on this machine, if known."""
-    from clipsearch.weights_cache import cache_dir
-
-    try:
-        raw = json.loads((cache_dir() / PREPROCESSING_CACHE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return Preprocessing.from_json(raw.get(spec)) if isinstance(raw, dict) else None
-
-
-def remember_preprocessing(spec: str, encoder: Encoder) -> None:
-    """Record the loaded encoder's preprocessing for `spec` (best effort: a cache)."""
-    from clipsearch.atomic_file import write_atomically
-    from clipsearch.weights_cache import cache_dir
-
-    pre = getattr(encoder, "preprocessing", None)
-    if not isinstance(pre, Preprocessing) or remembered_preprocessing(spec) == pre:
-        return
-    path = cache_dir() / PREPROCESSING_CACHE_FILE
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raw = {}
-    if not isinstance(raw, dict):
-        raw = {}
-    raw[spec] = pre.as_json()
-    data = json.dumps(raw, indent=1, sort_keys=True).encode()
-    try:
-        write_atomically(path, lambda fh: fh.write(data))
-    except OSError:
-        pass
-
-
 class Encoder(Protocol):
     """What the pipeline needs from a model."""
 
@@ -403,11 +326,12 @@ class OpenClipEncoder:
                    if k in ("mean", "std", "interpolation", "size") and v})
         size = pp.get("size", getattr(model.visual, "image_size", 224))
         self.image_size = int(size[0] if isinstance(size, (list, tuple)) else size)
-        self.preprocessing = Preprocessing(
-            self.image_size,
-            tuple(float(v) for v in pp.get("mean", OPENAI_MEAN)),
-            tuple(float(v) for v in pp.get("std", OPENAI_STD)),
-            "bilinear" if pp.get("interpolation") == "bilinear" else "bicubic",
+        self._mean = np.asarray(pp.get("mean", (0.48145466, 0.4578275, 0.40821073)), np.float32)
+        self._std = np.asarray(pp.get("std", (0.26862954, 0.26130258, 0.27577711)), np.float32)
+        self._resample = (
+            Image.Resampling.BILINEAR
+            if pp.get("interpolation") == "bilinear"
+            else Image.Resampling.BICUBIC
         )
         with torch.inference_mode():
             probe = self.model.encode_text(self._tokens(["a"]))
@@ -448,7 +372,7 @@ class OpenClipEncoder:
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """Resize the shortest side to the model's size, centre-crop, normalise: [3, S, S]."""
-        return self.preprocessing.apply(image)
+        return preprocess_image(image, self.image_size, self._mean, self._std, self._resample)
 
     def encode_images(self, batch: np.ndarray) -> np.ndarray:
         import torch
@@ -488,9 +412,10 @@ class InMemoryEncoder:
         self.model = model
         self.tokenizer = tokenizer
         self.image_size = int(preprocess_cfg.get("size", 224))
-        self.preprocessing = Preprocessing(
-            self.image_size, tuple(float(v) for v in preprocess_cfg.get("mean", OPENAI_MEAN)),
-            tuple(float(v) for v in preprocess_cfg.get("std", OPENAI_STD)))
+        self._mean = np.asarray(preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)),
+                                np.float32)
+        self._std = np.asarray(preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711)),
+                               np.float32)
         self.info = ModelInfo(name, name, name, None, None, "", 0)
 
     @property
@@ -505,7 +430,7 @@ class InMemoryEncoder:
         return len(self.tokenizer.encode(text)) + 2 if hasattr(self.tokenizer, "encode") else 0
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
-        return self.preprocessing.apply(image)
+        return preprocess_image(image, self.image_size, self._mean, self._std)
 
     def encode_images(self, batch: np.ndarray) -> np.ndarray:
         import torch

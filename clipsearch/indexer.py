@@ -18,16 +18,8 @@ import numpy as np
 from clipsearch.catalogue.schema import STATE_FAILED, STATE_INDEXED, STATE_MISSING, STATE_PENDING
 from clipsearch.catalogue.store import Catalogue, StoredFile, WriterLock
 from clipsearch.config import Settings
-from clipsearch.crawler import FileInfo, ScanProblem, ScanResult, scan_directories
-from clipsearch.encoder import (
-    Encoder,
-    ModelInfo,
-    Preprocessing,
-    load_encoder,
-    remember_preprocessing,
-    remembered_preprocessing,
-    resolve_spec,
-)
+from clipsearch.crawler import FileInfo, ScanProblem, scan_directories
+from clipsearch.encoder import Encoder, ModelInfo, load_encoder, resolve_spec
 from clipsearch.errors import CatalogueError, ClipsearchError, ImageError, ModelMismatchError
 from clipsearch.imaging import decode_image
 from clipsearch.vector_index import (
@@ -258,26 +250,13 @@ def run_index(
         raise ClipsearchError("nothing to index: " + ("; ".join(
             f"{display_path(os.path.abspath(r))}: not found" for r in roots) or "no folders"))
     preloaded: Encoder | None = None
-    head: _HeadStart | None = None
     if not settings.db_path.exists():
         from clipsearch.config import DEFAULT_MODEL
 
         # A new catalogue needs its model first: one that cannot load (offline, mistyped)
         # must not leave an empty catalogue behind.
-        spec = settings.model or DEFAULT_MODEL
-        guess = remembered_preprocessing(spec)
-        if guess is None:
-            preloaded = factory(spec)
-        else:
-            preloaded, head = _load_while_decoding(factory, spec, guess, roots, options,
-                                                   settings)
-        remember_preprocessing(spec, preloaded)
-    try:
-        catalogue = Catalogue(settings.db_path, create=True)
-    except BaseException:
-        if head is not None:
-            head.close(settings.decode_timeout_s)
-        raise
+        preloaded = factory(settings.model or DEFAULT_MODEL)
+    catalogue = Catalogue(settings.db_path, create=True)
     try:
         if catalogue.readonly:
             raise CatalogueError(
@@ -298,7 +277,7 @@ def run_index(
                 on_model(report.model)
             assert model_id is not None
             digest = _index_roots(catalogue, lazy, model_id, info, roots, options, report,
-                                  progress, settings, head)
+                                  progress, settings)
             t0 = time.perf_counter()
             report.index_kind, report.indexed_total = refresh_index(
                 catalogue, settings, info, model_id, kind=options.index_kind, write=True,
@@ -309,8 +288,6 @@ def run_index(
         report.interrupted = True
         raise
     finally:
-        if head is not None:
-            head.close(settings.decode_timeout_s)
         report.seconds = time.perf_counter() - started
         catalogue.close()
     return report
@@ -326,18 +303,13 @@ def _index_roots(
     report: IndexReport,
     progress: ProgressFn | None,
     settings: Settings,
-    head: _HeadStart | None = None,
 ) -> tuple[int, int, int] | None:
     """Sync the catalogue with the files under roots. Returns the catalogue's indexed-id
     digest when this run wrote nothing (so the index refresh need not scan for it again)."""
     abs_roots = [os.path.abspath(r) for r in roots]
     t0 = time.perf_counter()
-    if head is not None:  # listed while the model loaded
-        scan = head.scan
-        report.stage_seconds["scan"] += head.scan_s
-    else:
-        scan = scan_directories(abs_roots, options.include_hidden, options.include_system)
-        report.stage_seconds["scan"] += time.perf_counter() - t0
+    scan = scan_directories(abs_roots, options.include_hidden, options.include_system)
+    report.stage_seconds["scan"] += time.perf_counter() - t0
     report.problems.extend(scan.problems)
     valid_roots = [r for r in abs_roots if os.path.exists(r)]  # run_index checked some exist
     catalogue.add_roots(valid_roots)
@@ -376,7 +348,7 @@ def _index_roots(
                           if old.content_hash and old.state == STATE_INDEXED)
     attempts = {p: s.attempts for p, s in stored.items()}
     _process(catalogue, lazy, model_id, todo, attempts, gone_hashes, report, progress,
-             settings, head)
+             settings)
     return None
 
 
@@ -400,8 +372,11 @@ def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_size, a.st_mtime_ns, a.st_ino) == (b.st_size, b.st_mtime_ns, b.st_ino)
 
 
-def _read(f: FileInfo) -> tuple[_Work, bytes | None]:
-    """Read and hash one file: (its work record, its bytes), or (why not, None).
+def _prepare(
+    f: FileInfo, catalogue: Catalogue, model_id: int, lazy: _LazyEncoder,
+    restart_clock: Callable[[], None] = lambda: None,
+) -> _Work:
+    """Worker: read, hash, reuse a stored vector or decode + preprocess.
 
     A file that changes while it is read (still being copied in) is skipped, not failed."""
     t0 = time.perf_counter()
@@ -411,26 +386,31 @@ def _read(f: FileInfo) -> tuple[_Work, bytes | None]:
             data = fh.read()
             after = os.fstat(fh.fileno())
     except FileNotFoundError:
-        return _Work(f, "vanished", reason=DELETED_WHILE_INDEXING), None
+        return _Work(f, "vanished", reason=DELETED_WHILE_INDEXING)
     except OSError as err:
         return _Work(f, "failed", reason=f"cannot read: {err.strerror or err}",
-                     size=f.size, mtime_ns=f.mtime_ns), None
+                     size=f.size, mtime_ns=f.mtime_ns)
     if not _same_file(before, after) or len(data) != after.st_size:
-        return _Work(f, "changing", reason=CHANGED_WHILE_READING), None
-    work = _Work(f, "failed", content_hash(data), size=len(data), mtime_ns=after.st_mtime_ns)
-    work.timings["read"] = time.perf_counter() - t0
-    return work, data
-
-
-def _decode_into(work: _Work, data: bytes, image_size: int,
-                 preprocess: Callable[[Any], np.ndarray]) -> _Work:
-    """Decode and preprocess the bytes; a bad image becomes a failure with its reason."""
+        return _Work(f, "changing", reason=CHANGED_WHILE_READING)
+    chash = content_hash(data)
+    work = _Work(f, "failed", chash, size=len(data), mtime_ns=after.st_mtime_ns)
     t1 = time.perf_counter()
+    work.timings["read"] = t1 - t0
+    reuse = catalogue.reusable(chash, model_id)
+    if reuse is not None:
+        work.kind = "reused"
+        work.meta = reuse
+        return work
+    if not lazy.loaded:
+        lazy.get()  # the first file that needs the model loads it (moves never do)
+        restart_clock()  # loading the model is not this file's decode time
+        t1 = time.perf_counter()
+    encoder = lazy.get()
     try:
-        decoded = decode_image(data, image_size)
+        decoded = decode_image(data, encoder.image_size)
         t2 = time.perf_counter()
         work.timings["decode"] = t2 - t1
-        work.pixels = preprocess(decoded.image)
+        work.pixels = encoder.preprocess(decoded.image)
         work.timings["preprocess"] = time.perf_counter() - t2
     except ImageError as err:
         work.reason = err.message
@@ -448,111 +428,6 @@ def _decode_into(work: _Work, data: bytes, image_size: int,
         "captured_at": decoded.captured_at,
     }
     return work
-
-
-def _prepare(
-    f: FileInfo, catalogue: Catalogue, model_id: int, lazy: _LazyEncoder,
-    restart_clock: Callable[[], None] = lambda: None,
-) -> _Work:
-    """Worker: read, hash, reuse a stored vector or decode + preprocess."""
-    work, data = _read(f)
-    if data is None:
-        return work
-    assert work.content_hash is not None
-    reuse = catalogue.reusable(work.content_hash, model_id)
-    if reuse is not None:
-        work.kind = "reused"
-        work.meta = reuse
-        return work
-    if not lazy.loaded:
-        lazy.get()  # the first file that needs the model loads it (moves never do)
-        restart_clock()  # loading the model is not this file's decode time
-    encoder = lazy.get()
-    return _decode_into(work, data, encoder.image_size, encoder.preprocess)
-
-
-HEAD_START_MAX_BYTES = 256 * 2**20
-"""What files decoded while the model loads may hold (their model inputs): 340 images at
-256 px. Past it, decoding waits for the model as usual."""
-
-
-@dataclass
-class _HeadStart:
-    """Files of a new catalogue's first run decoded while its model loaded, by path, with
-    the preprocessing they were made with (used only if the model turns out to have it)."""
-
-    scan: ScanResult
-    preprocessing: Preprocessing
-    scan_s: float = 0.0
-    works: dict[str, _Work] = field(default_factory=dict)
-    pool: _DecodePool | None = None
-
-    def take(self, f: FileInfo, encoder: Encoder) -> _Work | None:
-        work = self.works.pop(f.path, None)
-        if work is None or work.file != f or getattr(
-                encoder, "preprocessing", None) != self.preprocessing:
-            return None
-        return work
-
-    def close(self, wait_s: float) -> None:
-        if self.pool is not None:
-            self.pool.close(wait_s)
-            self.pool = None
-
-
-def _load_while_decoding(
-    factory: EncoderFactory, spec: str, guess: Preprocessing, roots: Sequence[str],
-    options: IndexOptions, settings: Settings,
-) -> tuple[Encoder, _HeadStart]:
-    """Load the model in a thread while the main thread lists the roots and decode threads
-    prepare files with the preprocessing this spec had last time (seconds of start-up spent
-    decoding instead of waiting; the model's own preprocessing is checked before use)."""
-    loaded: list[Encoder] = []
-    failed: list[BaseException] = []
-    done = threading.Event()
-
-    def load() -> None:
-        try:
-            loaded.append(factory(spec))
-        except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
-            failed.append(err)
-        finally:
-            done.set()
-
-    threading.Thread(target=load, name="model-load", daemon=True).start()
-    t0 = time.perf_counter()
-    scan = scan_directories([os.path.abspath(r) for r in roots], options.include_hidden,
-                            options.include_system)
-    head = _HeadStart(scan, guess, time.perf_counter() - t0)
-    limit = max(1, HEAD_START_MAX_BYTES // (3 * guess.size * guess.size * 4))
-    files = scan.files[:limit]
-    try:
-        if files and not done.is_set():
-            # One core loads the model (imports, mostly): the others decode.
-            head.pool = _DecodePool(max(1, (settings.workers or default_workers()) - 1),
-                                    lambda f, _job: _head_start_decode(f, guess, done))
-            jobs = [head.pool.submit(f) for f in files]
-            done.wait()
-            head.pool.stop()
-            for job in jobs:
-                if job.done.is_set() and job.result is not None and job.result.kind == "decoded":
-                    head.works[job.file.path] = job.result
-        done.wait()
-        if failed:
-            raise failed[0]
-    except BaseException:
-        head.close(settings.decode_timeout_s)
-        raise
-    return loaded[0], head
-
-
-def _head_start_decode(f: FileInfo, guess: Preprocessing, done: threading.Event) -> _Work:
-    if done.is_set():  # the model is there: the normal pipeline takes this file
-        return _Work(f, "failed")
-    work, data = _read(f)
-    if data is None:
-        return work
-    return _decode_into(work, data, guess.size, guess.apply)
 
 
 class _Job:
@@ -632,17 +507,12 @@ class _DecodePool:
         assert job.result is not None
         return job.result
 
-    def stop(self) -> None:
-        """Drop the files not started yet; running decodes go on (close() waits for them)."""
-        if not self._closed:
-            self._closed = True
-            for _ in self._threads:
-                self._jobs.put(None)
-
     def close(self, wait_s: float) -> None:
         """Drop the files not started yet and let the running decodes finish (up to wait_s
         each): a thread killed mid-decode by interpreter exit can crash the process."""
-        self.stop()
+        self._closed = True
+        for _ in self._threads:
+            self._jobs.put(None)
         for thread in list(self._threads):
             thread.join(wait_s)
         self._threads.clear()
@@ -675,7 +545,6 @@ def _process(
     report: IndexReport,
     progress: ProgressFn | None,
     settings: Settings,
-    head: _HeadStart | None = None,
 ) -> None:
     workers = settings.workers or default_workers()
     batch_size = max(1, settings.batch_size)
@@ -688,8 +557,7 @@ def _process(
         progress("index", 0, total)
 
     def prep(f: FileInfo, job: _Job) -> _Work:
-        early = head.take(f, lazy.get()) if head is not None else None
-        return early or _prepare(f, catalogue, model_id, lazy, job.restart_clock)
+        return _prepare(f, catalogue, model_id, lazy, job.restart_clock)
 
     batch: list[_Work] = []
     written: set[str] = set()  # content hashes whose vector this run already stored

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from clipsearch import indexer
@@ -625,109 +622,3 @@ def test_the_index_file_under_its_old_name_is_removed_once_rebuilt(settings, mak
     settings.index_path.unlink()
     search(settings, ["x"])
     assert legacy.read_bytes() == b"not an index: kept"
-
-
-def _vectors_by_name(db: Path) -> dict[str, np.ndarray]:
-    import sqlite3
-
-    con = sqlite3.connect(db)
-    rows = con.execute("SELECT i.path, e.vector FROM images i JOIN embeddings e "
-                       "ON e.content_hash = i.content_hash").fetchall()
-    con.close()
-    return {os.path.basename(os.fsdecode(p)): np.frombuffer(v, np.float32) for p, v in rows}
-
-
-def _slow_factory(encoder, delay_s: float):  # type: ignore[no-untyped-def]
-    def load(_spec: str):  # type: ignore[no-untyped-def]
-        time.sleep(delay_s)
-        return encoder
-
-    return load
-
-
-@pytest.fixture
-def reference_vectors(settings, make_image, tmp_path: Path, tiny_encoder,  # type: ignore[no-untyped-def]
-                      monkeypatch: pytest.MonkeyPatch) -> dict[str, np.ndarray]:
-    """Six images indexed the ordinary way (no preprocessing remembered: no head start)."""
-    for i in range(6):
-        make_image(f"{i}.png", seed=i)
-    monkeypatch.setenv("CLIPSEARCH_CACHE", str(tmp_path / "empty-cache"))
-    ref = resolve_settings(db=tmp_path / "ref.sqlite3", model=settings.model, batch_size=4,
-                           workers=2)
-    run_index(ref, [str(tmp_path / "photos")], encoder_factory=lambda _s: tiny_encoder)
-    monkeypatch.setenv("CLIPSEARCH_CACHE", str(tmp_path / "cache"))
-    return _vectors_by_name(ref.db_path)
-
-
-def _count_calls(monkeypatch: pytest.MonkeyPatch, owner, name: str) -> list[object]:  # type: ignore[no-untyped-def]
-    calls: list[object] = []
-    real = getattr(owner, name)
-
-    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(args[0])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(owner, name, counted)
-    return calls
-
-
-def test_a_new_catalogue_decodes_while_its_model_loads(settings, tmp_path: Path, tiny_encoder,  # type: ignore[no-untyped-def]
-                                                       reference_vectors, monkeypatch) -> None:
-    from clipsearch.encoder import remember_preprocessing, remembered_preprocessing
-
-    remember_preprocessing(settings.model, tiny_encoder)
-    assert remembered_preprocessing(settings.model) == tiny_encoder.preprocessing
-    early = _count_calls(monkeypatch, indexer, "_head_start_decode")
-    late = _count_calls(monkeypatch, tiny_encoder, "preprocess")
-    report = run_index(settings, [str(tmp_path / "photos")],
-                       encoder_factory=_slow_factory(tiny_encoder, 1.5))
-    assert report.new == 6 and report.failed_total == 0
-    assert len(early) == 6 and late == []  # every file was ready when the model was
-    got = _vectors_by_name(settings.db_path)
-    assert got.keys() == reference_vectors.keys()
-    for name, vec in reference_vectors.items():
-        np.testing.assert_allclose(got[name], vec, atol=1e-6)
-
-
-def test_a_wrong_remembered_preprocessing_is_never_used(settings, tmp_path: Path, tiny_encoder,  # type: ignore[no-untyped-def]
-                                                        reference_vectors, monkeypatch) -> None:
-    """The model's own preprocessing decides: files decoded early with another one (weights or
-    config changed since) are decoded again."""
-    import dataclasses
-
-    from clipsearch.encoder import PREPROCESSING_CACHE_FILE
-
-    wrong = dataclasses.replace(tiny_encoder.preprocessing, size=40)
-    (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / PREPROCESSING_CACHE_FILE).write_text(
-        json.dumps({settings.model: wrong.as_json()}))
-    early = _count_calls(monkeypatch, indexer, "_head_start_decode")
-    late = _count_calls(monkeypatch, tiny_encoder, "preprocess")
-    report = run_index(settings, [str(tmp_path / "photos")],
-                       encoder_factory=_slow_factory(tiny_encoder, 1.5))
-    assert report.new == 6 and len(early) == 6 and len(late) == 6
-    got = _vectors_by_name(settings.db_path)
-    for name, vec in reference_vectors.items():
-        np.testing.assert_allclose(got[name], vec, atol=1e-6)
-    # and the model's real preprocessing is what is remembered now
-    from clipsearch.encoder import remembered_preprocessing
-
-    assert remembered_preprocessing(settings.model) == tiny_encoder.preprocessing
-
-
-def test_a_model_that_fails_while_files_decode_leaves_no_catalogue(settings, tmp_path: Path,  # type: ignore[no-untyped-def]
-                                                                   tiny_encoder, make_image) -> None:
-    from clipsearch.encoder import remember_preprocessing
-    from clipsearch.errors import ModelError
-
-    for i in range(4):
-        make_image(f"{i}.png", seed=i)
-    remember_preprocessing(settings.model, tiny_encoder)
-
-    def fail(_spec: str):  # type: ignore[no-untyped-def]
-        time.sleep(0.5)
-        raise ModelError("cannot load model x: offline")
-
-    with pytest.raises(ModelError, match="offline"):
-        run_index(settings, [str(tmp_path / "photos")], encoder_factory=fail)
-    assert not settings.db_path.exists()
