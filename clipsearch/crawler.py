@@ -52,6 +52,9 @@ class FileInfo:
     path: str
     size: int
     mtime_ns: int
+    ctime_ns: int = 0
+    """The inode's change time: moves on with every write, also one that restores the mtime
+    (`touch -r`, some sync tools), and with chmod or xattr changes."""
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,7 @@ def scan_directories(
             key = (st.st_dev, st.st_ino)
             if key not in seen_files:
                 seen_files.add(key)
-                result.files.append(FileInfo(root_path, st.st_size, st.st_mtime_ns))
+                result.files.append(FileInfo(root_path, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
             continue
         stack = [root_path]
         seen_dirs.add((st.st_dev, st.st_ino))
@@ -201,7 +204,7 @@ def scan_directories(
                         result.skipped_not_image += 1
                         continue
                 seen_files.add(key)
-                result.files.append(FileInfo(entry.path, est.st_size, est.st_mtime_ns))
+                result.files.append(FileInfo(entry.path, est.st_size, est.st_mtime_ns, est.st_ctime_ns))
             stack.extend(reversed(subdirs))
     return result
 

@@ -128,7 +128,7 @@ def _check(settings: Settings, report: CheckReport, repair: bool) -> None:
                 continue
             except OSError:
                 continue
-            if st.st_size != row.size or st.st_mtime_ns != row.mtime_ns:
+            if not row.same_stat(st):
                 changed.append(row.path)
         if vanished:
             report.problems.append(f"{len(vanished)} indexed file"

@@ -132,6 +132,7 @@ class _Work:
     reason: str = ""
     size: int = 0
     mtime_ns: int = 0
+    ctime_ns: int = 0
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -317,6 +318,7 @@ def _index_roots(
     report.scanned = len(scan.files)
     lost, digest = _ids_without_vector(catalogue, model_id, stored)
     todo: list[tuple[FileInfo, bool]] = []  # (file, is_change)
+    adopt_ctimes: list[tuple[int, int]] = []  # unchanged rows catalogued without a ctime
     seen: set[str] = set()
     for f in scan.files:
         seen.add(f.path)
@@ -324,13 +326,16 @@ def _index_roots(
         if old is not None and old.image_id in lost:
             todo.append((f, True))  # "indexed" but its vector row is gone: encode again
             continue
-        if old is not None and old.size == f.size and old.mtime_ns == f.mtime_ns:
+        same = old is not None and old.same_stat(f.size, f.mtime_ns, f.ctime_ns)
+        if old is not None and same:
             if old.state == STATE_INDEXED or (old.state == STATE_FAILED and not options.retry_failed):
                 report.unchanged += 1
                 report.still_failed += old.state == STATE_FAILED
+                if old.ctime_ns is None:
+                    adopt_ctimes.append((old.image_id, f.ctime_ns))
                 continue
         is_change = old is not None and old.state != STATE_MISSING and (
-            old.size != f.size or old.mtime_ns != f.mtime_ns or old.state == STATE_PENDING
+            not same or old.state == STATE_PENDING
         )
         todo.append((f, is_change))
     # Files under a folder this run could not read may still be there: not missing.
@@ -340,6 +345,7 @@ def _index_roots(
                  if path not in seen and old.state != STATE_MISSING
                  and not (unreadable and _under(path, unreadable))]
     catalogue.mark_missing([old.image_id for old in gone_rows])
+    catalogue.record_ctimes(adopt_ctimes)
     report.missing = len(gone_rows)
     if not todo:
         return digest if not gone_rows else None
@@ -369,7 +375,8 @@ def _under(path: str, folders: tuple[str, ...]) -> bool:
 
 
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_size, a.st_mtime_ns, a.st_ino) == (b.st_size, b.st_mtime_ns, b.st_ino)
+    return (a.st_size, a.st_mtime_ns, a.st_ctime_ns, a.st_ino) == (
+        b.st_size, b.st_mtime_ns, b.st_ctime_ns, b.st_ino)
 
 
 def _prepare(
@@ -389,11 +396,12 @@ def _prepare(
         return _Work(f, "vanished", reason=DELETED_WHILE_INDEXING)
     except OSError as err:
         return _Work(f, "failed", reason=f"cannot read: {err.strerror or err}",
-                     size=f.size, mtime_ns=f.mtime_ns)
+                     size=f.size, mtime_ns=f.mtime_ns, ctime_ns=f.ctime_ns)
     if not _same_file(before, after) or len(data) != after.st_size:
         return _Work(f, "changing", reason=CHANGED_WHILE_READING)
     chash = content_hash(data)
-    work = _Work(f, "failed", chash, size=len(data), mtime_ns=after.st_mtime_ns)
+    work = _Work(f, "failed", chash, size=len(data), mtime_ns=after.st_mtime_ns,
+                 ctime_ns=after.st_ctime_ns)
     t1 = time.perf_counter()
     work.timings["read"] = t1 - t0
     reuse = catalogue.reusable(chash, model_id)
@@ -501,7 +509,8 @@ class _DecodePool:
             self._spawn()
             return _Work(job.file, "failed",
                          reason=f"took longer than {limit_s:g} s to decode",
-                         size=job.file.size, mtime_ns=job.file.mtime_ns)
+                         size=job.file.size, mtime_ns=job.file.mtime_ns,
+                         ctime_ns=job.file.ctime_ns)
         if job.error is not None:
             raise job.error
         assert job.result is not None
@@ -635,6 +644,7 @@ def _flush(
             "path": path,
             "size": w.size,
             "mtime_ns": w.mtime_ns,
+            "ctime_ns": w.ctime_ns,
             "content_hash": w.content_hash,
         }
         if path in changed:

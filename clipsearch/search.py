@@ -287,7 +287,7 @@ class _Session:
             st = os.stat(abspath)
         except OSError:
             return None
-        if (st.st_size, st.st_mtime_ns) != (stored.size, stored.mtime_ns):
+        if not stored.same_stat(st.st_size, st.st_mtime_ns, st.st_ctime_ns):
             return None
         return self.catalogue.vector_for_path(abspath, self.model_id)
 
@@ -515,7 +515,7 @@ def _file_state(row: ImageRow) -> str:
         return "same"
     if not stat.S_ISREG(st.st_mode):
         return "gone"
-    return "same" if (st.st_size, st.st_mtime_ns) == (row.size, row.mtime_ns) else "changed"
+    return "same" if row.same_stat(st) else "changed"
 
 
 def _source_present(path: str, roots: list[str]) -> bool:

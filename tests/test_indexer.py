@@ -6,6 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from clipsearch import indexer
@@ -622,3 +623,85 @@ def test_the_index_file_under_its_old_name_is_removed_once_rebuilt(settings, mak
     settings.index_path.unlink()
     search(settings, ["x"])
     assert legacy.read_bytes() == b"not an index: kept"
+
+
+def _vector_of(settings, path: Path) -> np.ndarray:  # type: ignore[no-untyped-def]
+    with Catalogue(settings.db_path) as cat:
+        model = cat.active_model()
+        assert model is not None
+        vec = cat.vector_for_path(str(path), model.id)
+    assert vec is not None
+    return vec
+
+
+def test_an_edit_that_restores_size_and_mtime_is_noticed(settings, make_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`touch -r`, cp --preserve=timestamps over the original and some sync tools leave size
+    and mtime as they were: the inode change time still moves."""
+    p = make_image("a.bmp", seed=1, fmt="BMP")
+    run_index(settings, [str(tmp_path / "photos")])
+    before = os.stat(p)
+    old_vec = _vector_of(settings, p)
+    make_image("a.bmp", seed=2, fmt="BMP")  # same dimensions: a BMP of the same size
+    os.utime(p, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(p)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    report = run_index(settings, [str(tmp_path / "photos")])
+    assert (report.changed, report.encoded, report.unchanged) == (1, 1, 0)
+    assert not np.allclose(_vector_of(settings, p), old_vec)
+    again = run_index(settings, [str(tmp_path / "photos")])
+    assert (again.unchanged, again.encoded) == (1, 0)
+
+
+def test_a_permission_change_rereads_the_file_but_encodes_nothing(settings, make_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    p = make_image("a.png", seed=1)
+    run_index(settings, [str(tmp_path / "photos")])
+    os.chmod(p, 0o600)
+    report = run_index(settings, [str(tmp_path / "photos")])
+    assert report.encoded == 0 and report.failed_total == 0
+
+
+def test_rows_from_before_ctimes_were_kept_adopt_them_without_reading(settings, make_image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A catalogue upgraded from schema 0002 has no ctimes: its files are not all read again,
+    and from then on an mtime-restoring edit is caught for them too."""
+    import sqlite3
+
+    p = make_image("a.bmp", seed=1, fmt="BMP")
+    make_image("b.png", seed=3)
+    run_index(settings, [str(tmp_path / "photos")])
+    con = sqlite3.connect(settings.db_path)
+    con.execute("UPDATE images SET ctime_ns = NULL")
+    con.commit()
+    con.close()
+    reads: list[object] = []
+    real = indexer._prepare
+    monkeypatch.setattr(indexer, "_prepare", lambda f, *a, **k: reads.append(f) or real(f, *a, **k))
+    report = run_index(settings, [str(tmp_path / "photos")])
+    assert (report.unchanged, reads) == (2, [])
+    con = sqlite3.connect(settings.db_path)
+    assert con.execute("SELECT count(*) FROM images WHERE ctime_ns IS NULL").fetchone()[0] == 0
+    con.close()
+    before = os.stat(p)
+    make_image("a.bmp", seed=2, fmt="BMP")
+    os.utime(p, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert run_index(settings, [str(tmp_path / "photos")]).encoded == 1
+
+
+def test_search_and_classify_notice_an_mtime_restoring_edit(settings, make_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Before the next index run: search flags the result, and a query by that file (similar,
+    classify) answers from its new content, not from its stored vector."""
+    import shutil
+
+    from clipsearch.classify import classify
+
+    a = make_image("a.bmp", seed=1, fmt="BMP")
+    b = make_image("b.bmp", seed=2, fmt="BMP")
+    run_index(settings, [str(tmp_path / "photos")])
+    labels = ["cat", "dog", "car", "tree"]
+    of_b = classify(settings, labels, [str(b)], none_margin=None, store=False)[0]
+    before = os.stat(a)
+    shutil.copy(b, a)  # same size: a now holds b's picture
+    os.utime(a, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert any("changed since" in n for n in search(settings, ["x"]).notices)
+    got = classify(settings, labels, [str(a)], none_margin=None, store=False)[0]
+    assert got.scores == pytest.approx(of_b.scores, abs=1e-4)
+    assert got.image_id is None

@@ -9,11 +9,11 @@ STATE_FAILED = "failed"
 STATE_MISSING = "missing"
 STATES = (STATE_PENDING, STATE_INDEXED, STATE_FAILED, STATE_MISSING)
 
-SCHEMA_HEAD = "0002_image_labels"
+SCHEMA_HEAD = "0003_image_ctime"
 """The newest migration in migrations/versions (a test compares it with Alembic's head)."""
 
 IMAGE_COLUMNS = frozenset({
-    "id", "path", "size", "mtime_ns", "content_hash", "width", "height", "format",
+    "id", "path", "size", "mtime_ns", "ctime_ns", "content_hash", "width", "height", "format",
     "captured_at", "state", "error", "attempts", "updated_at",
 })
 MODEL_COLUMNS = ("id", "key", "spec", "arch", "pretrained", "checkpoint_hash",

@@ -49,6 +49,19 @@ class StoredFile:
     state: str
     content_hash: str | None
     attempts: int
+    ctime_ns: int | None = None  # None: written before clipsearch recorded it
+
+    def same_stat(self, size: int, mtime_ns: int, ctime_ns: int) -> bool:
+        """Whether a file with this stat is, as far as stat can tell, the one catalogued."""
+        return stat_unchanged(self.size, self.mtime_ns, self.ctime_ns, size, mtime_ns, ctime_ns)
+
+
+def stat_unchanged(size: int, mtime_ns: int, ctime_ns: int | None, now_size: int,
+                   now_mtime_ns: int, now_ctime_ns: int) -> bool:
+    """Whether a file's stat now matches what the catalogue recorded: size, mtime and the
+    inode change time, which also moves when an edit restores the mtime (a row written before
+    ctimes were kept has None: size and mtime decide)."""
+    return (now_size, now_mtime_ns) == (size, mtime_ns) and ctime_ns in (None, now_ctime_ns)
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,12 @@ class ImageRow:
     captured_at: float | None
     state: str
     error: str | None
+    ctime_ns: int | None = None
+
+    def same_stat(self, st: os.stat_result) -> bool:
+        """Whether the file, stat'ed now, is the one catalogued (stat_unchanged)."""
+        return stat_unchanged(self.size, self.mtime_ns, self.ctime_ns, st.st_size,
+                              st.st_mtime_ns, st.st_ctime_ns)
 
     @property
     def date(self) -> float:
@@ -138,7 +157,8 @@ def known_revisions() -> set[str]:
 
 _INDEXED_JOIN = ("FROM images AS i JOIN embeddings AS e ON e.content_hash = i.content_hash "
                  f"WHERE e.model_id = ? AND i.state = '{STATE_INDEXED}'")
-_ROW_COLS = "id, path, size, mtime_ns, width, height, format, captured_at, state, error"
+_ROW_COLS = ("id, path, size, mtime_ns, width, height, format, captured_at, state, error, "
+             "ctime_ns")
 _ROWS_PER_PAGE = 10_000
 
 
@@ -411,10 +431,12 @@ class Catalogue:
         dirs = tuple(p.rstrip(b"/") + b"/" for p in raw)
         rawset = set(raw)
         out: dict[str, StoredFile] = {}
-        for path, image_id, size, mtime_ns, state, chash, att in self._rows(
-                "SELECT path, id, size, mtime_ns, state, content_hash, attempts FROM images"):
+        for path, image_id, size, mtime_ns, state, chash, att, ctime_ns in self._rows(
+                "SELECT path, id, size, mtime_ns, state, content_hash, attempts, ctime_ns "
+                "FROM images"):
             if path in rawset or path.startswith(dirs):
-                out[os.fsdecode(path)] = StoredFile(image_id, size, mtime_ns, state, chash, att)
+                out[os.fsdecode(path)] = StoredFile(image_id, size, mtime_ns, state, chash, att,
+                                                    ctime_ns)
         return out
 
     def write_images(self, rows: Sequence[dict[str, Any]]) -> dict[str, int]:
@@ -450,6 +472,14 @@ class Catalogue:
                      for h, v in vectors.items()],
                 )
             _upsert_images(conn, rows, time.time())
+
+    def record_ctimes(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Store (image_id, ctime_ns) for rows written before ctimes were kept (their files
+        unchanged by size and mtime): nothing indexed changes, so no generation step."""
+        if pairs:
+            with self._write() as conn:
+                conn.executemany("UPDATE images SET ctime_ns = ? WHERE id = ?",
+                                 [(int(c), int(i)) for i, c in pairs])
 
     def generation(self) -> int:
         """A counter bumped by every write that changes which vectors are indexed."""
@@ -709,7 +739,8 @@ def _bump_generation(conn: sqlite3.Connection) -> None:
 
 
 def _image_row(r: Any) -> ImageRow:
-    return ImageRow(r[0], os.fsdecode(r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9])
+    return ImageRow(r[0], os.fsdecode(r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9],
+                    r[10])
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
