@@ -156,3 +156,41 @@ def test_unreachable_hub_fails_fast_in_one_line(tmp_path: Path, monkeypatch: pyt
         load_encoder("ViT-B-32-256:datacomp_s34b_b86k", device="cpu")
     assert "cannot be reached" in info.value.message and "\n" not in info.value.message
     assert calls == []
+
+
+def test_loading_skips_random_init_yet_every_weight_comes_from_the_checkpoint(tiny_model: str) -> None:  # type: ignore[no-untyped-def]
+    """Building the model does not fill parameters with random numbers the checkpoint then
+    overwrites (most of a ViT-B-32 load); every parameter and buffer still equals the file,
+    and torch's random fills work again afterwards."""
+    import torch
+    from safetensors.torch import load_file
+
+    enc = load_encoder(tiny_model, device="cpu", precision="fp32")
+    saved = load_file(str(Path(tiny_model) / "open_clip_model.safetensors"))
+    state = enc.model.state_dict()
+    assert set(state) == set(saved)
+    for name, tensor in state.items():
+        assert torch.equal(tensor, saved[name]), name
+    probe = torch.zeros(1000)
+    probe.uniform_()
+    assert probe.std() > 0.2
+    probe.normal_()
+    assert probe.std() > 0.5
+
+
+def test_random_init_is_restored_when_a_model_fails_to_load(tmp_path: Path) -> None:
+    import shutil
+
+    import torch
+
+    from tests.conftest import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "m")
+    weights = folder / "open_clip_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # cut short
+    with pytest.raises(ModelError):
+        load_encoder(str(folder), device="cpu")
+    probe = torch.zeros(1000)
+    probe.uniform_()
+    assert probe.std() > 0.2
+    shutil.rmtree(folder)
