@@ -67,6 +67,8 @@ def _run(fn: Any, verbose: bool,
     except KeyboardInterrupt:
         console.error(interrupted)
         raise typer.Exit(130) from None
+    except typer.Exit:
+        raise  # a nested _run (settings inside a command) has already said why
     except Exception as err:  # noqa: BLE001 - last resort: one line unless --verbose
         if verbose:
             raise

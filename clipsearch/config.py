@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,9 @@ DERIVED_SUFFIXES = (".faiss", ".vectors", ".lock", "-wal", "-shm", "-journal")
 """Endings of the files beside a catalogue (index, re-rank vectors, lock, SQLite's own)."""
 
 
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
 def resolve_settings(
     db: Path | None = None,
     model: str | None = None,
@@ -69,8 +73,9 @@ def resolve_settings(
     db_value = db or (Path(v) if (v := _env("DB")) else None)
     if db_value is None:
         db_value = default_home() / CATALOGUE_FILENAME
+    as_folder = str(db_value).endswith(("/", os.sep))  # Path() drops the trailing slash
     db_value = Path(db_value).expanduser()
-    if db_value.is_dir():
+    if as_folder or db_value.is_dir():
         db_value = db_value / CATALOGUE_FILENAME
     if db_value.name.endswith(DERIVED_SUFFIXES):
         from clipsearch.errors import UsageError
@@ -86,10 +91,16 @@ def resolve_settings(
 
         raise UsageError(f"workers must be 0 or more and batch size at least 1 "
                          f"(got {workers_value} and {batch_value})")
+    device_value = device or _env("DEVICE") or "auto"
+    if not DEVICE_PATTERN.fullmatch(device_value):
+        from clipsearch.errors import UsageError
+
+        raise UsageError(f"--device {device_value}: not a device",
+                         hint="use auto, cpu, cuda, cuda:N or mps")
     return Settings(
         db_path=db_value,
         model=model or _env("MODEL"),
-        device=device or _env("DEVICE") or "auto",
+        device=device_value,
         batch_size=batch_value,
         workers=workers_value,
         decode_timeout_s=_positive_float(_env("DECODE_TIMEOUT"), DEFAULT_DECODE_TIMEOUT_S),

@@ -81,12 +81,17 @@ def index_progress(enabled: bool = True) -> Iterator[Any]:
     tasks: dict[str, Any] = {}
 
     def update(stage: str, done: int, total: int) -> None:
+        if not tasks:
+            progress.start()  # not before: a run that fails first would print an empty bar line
         if stage not in tasks:
             tasks[stage] = progress.add_task(stage, total=total)
         progress.update(tasks[stage], completed=done, total=total)
 
-    with progress:
+    try:
         yield update
+    finally:
+        if tasks:
+            progress.stop()
 
 
 def index_summary(report: IndexReport) -> None:
@@ -97,6 +102,7 @@ def index_summary(report: IndexReport) -> None:
         ("new", report.new),
         ("changed", report.changed),
         ("unchanged", report.unchanged),
+        ("touched (same content, vector kept)", report.touched),
         ("moved or renamed (vector reused)", report.moved),
         ("duplicates (vector reused)", report.duplicates),
         ("missing (deleted)", report.missing),

@@ -67,6 +67,9 @@ class IndexReport:
     scanned: int = 0
     new: int = 0
     changed: int = 0
+    touched: int = 0
+    """Files whose stat changed (touch, chmod, a restored copy) but not their content: read
+    and hashed again, vector kept."""
     unchanged: int = 0
     moved: int = 0
     """Files at a new path whose content was at a path that is gone (moved or renamed)."""
@@ -106,7 +109,8 @@ class IndexReport:
 
         return {
             "model": self.model, "scanned": self.scanned, "new": self.new,
-            "changed": self.changed, "unchanged": self.unchanged, "moved": self.moved,
+            "changed": self.changed, "touched": self.touched, "unchanged": self.unchanged,
+            "moved": self.moved,
             "duplicates": self.duplicates, "moved_or_duplicate": self.reused,
             "retried": self.retried,
             "encoded": self.encoded, "missing": self.missing, "changing": self.changing,
@@ -353,8 +357,11 @@ def _index_roots(
     gone_hashes = Counter(old.content_hash for old in gone_rows
                           if old.content_hash and old.state == STATE_INDEXED)
     attempts = {p: s.attempts for p, s in stored.items()}
+    # The content of indexed rows whose file changed by stat: the same content is a touch.
+    stored_content = {p: s.content_hash if s.state == STATE_INDEXED else None
+                      for p, s in stored.items()}
     _process(catalogue, lazy, model_id, todo, attempts, gone_hashes, report, progress,
-             settings)
+             settings, stored_content)
     return None
 
 
@@ -554,11 +561,12 @@ def _process(
     report: IndexReport,
     progress: ProgressFn | None,
     settings: Settings,
+    stored_content: dict[str, str | None],
 ) -> None:
     workers = settings.workers or default_workers()
     batch_size = max(1, settings.batch_size)
     limit_s = settings.decode_timeout_s
-    changed = {f.path for f, is_change in todo if is_change}
+    changed = {f.path: stored_content[f.path] for f, is_change in todo if is_change}
     files = [f for f, _ in todo]
     done = 0
     total = len(files)
@@ -598,7 +606,7 @@ def _flush(
     lazy: _LazyEncoder,
     model_id: int,
     batch: list[_Work],
-    changed: set[str],
+    changed: dict[str, str | None],
     attempts: dict[str, int],
     gone_hashes: Counter[str],
     report: IndexReport,
@@ -648,7 +656,10 @@ def _flush(
             "content_hash": w.content_hash,
         }
         if path in changed:
-            report.changed += 1
+            if w.kind in ("decoded", "reused") and w.content_hash == changed[path]:
+                report.touched += 1
+            else:
+                report.changed += 1
         elif w.kind == "reused" and w.content_hash and gone_hashes[w.content_hash] > 0:
             gone_hashes[w.content_hash] -= 1
             report.moved += 1

@@ -6,6 +6,7 @@ import math
 import os
 import re
 import stat
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +32,13 @@ from clipsearch.errors import (
 from clipsearch.crawler import some_paths
 from clipsearch.imaging import decode_file
 from clipsearch.indexer import ensure_index
-from clipsearch.vector_index import candidate_count, search_index, to_gpu, wants_gpu
+from clipsearch.vector_index import (
+    candidate_count,
+    gpu_count,
+    search_index,
+    to_gpu,
+    wants_gpu,
+)
 from clipsearch.vector_store import VectorFile, vector_file_path
 
 SEARCH_VERIFY_IDS_MAX_IMAGES = 200_000
@@ -168,6 +175,17 @@ def parse_date(text: str | None, end: bool = False) -> float | None:
     raise UsageError(f"bad date {text!r}: use YYYY, YYYY-MM or YYYY-MM-DD")
 
 
+def require_device(device: str) -> None:
+    """An explicit --device that queries cannot use here is an error, as it is for `index`
+    (text queries use no torch, so this asks faiss, not torch, about CUDA)."""
+    if device.startswith("cuda") and gpu_count() == 0:
+        raise UsageError(f"--device {device}: no CUDA GPU that faiss can use here",
+                         hint="searches run on the CPU with --device auto or cpu")
+    if device == "mps" and sys.platform != "darwin":
+        raise UsageError("--device mps: MPS is not available here",
+                         hint="use --device auto or cpu")
+
+
 class _Session:
     """A catalogue, its model and (lazily) the encoder and the index, for one query."""
 
@@ -175,6 +193,7 @@ class _Session:
                  prefetch: bool = False) -> None:
         self.prefetch = prefetch
         self.settings = settings
+        require_device(settings.device)
         self.factory = factory or (lambda spec: load_encoder(spec, settings.device))
         self.catalogue = Catalogue(settings.db_path, create=False)
         active = self.catalogue.active_model()

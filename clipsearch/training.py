@@ -87,7 +87,12 @@ def read_caption_rows(captions_path: Path) -> list[dict[str, Any]]:
         with captions_path.open(encoding="utf-8") as f:
             return [json.loads(line) for line in f if line.strip()]
     with captions_path.open(encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        if not {"path", "caption"} <= set(header):
+            raise ValueError("its first row must be a header naming the columns, at least "
+                             f"path and caption (it is: {','.join(header)[:80]})")
+        return list(reader)
 
 
 def read_captions(captions_path: Path) -> list[CaptionedImage]:

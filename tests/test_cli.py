@@ -385,3 +385,37 @@ def test_results_that_cannot_be_written_are_one_error_line(indexed_db: Path, mod
     assert res.returncode == 1
     assert "Traceback" not in res.stderr and "Exception ignored" not in res.stderr
     assert res.stderr.strip().endswith("error: cannot write the output: No space left on device")
+
+
+@pytest.mark.parametrize("command", [["search", "cat"], ["similar", "x.png"],
+                                     ["classify", "--labels", "a,b"], ["index", "."]])
+def test_settings_errors_are_said_once_by_every_command(command: list[str], tmp_path: Path) -> None:
+    """A bad --device or --db: one error (query commands also said 'unexpected Exit')."""
+    res = runner.invoke(app, [*command, "--device", "gpu", "--db", str(tmp_path / "c.sqlite3")])
+    assert res.exit_code == 1
+    assert "--device gpu: not a device" in res.output and "cuda:N" in res.output
+    assert res.output.count("error:") == 1, res.output
+    res = runner.invoke(app, [*command, "--db", str(tmp_path / "c.faiss")])
+    assert res.exit_code == 1 and res.output.count("error:") == 1, res.output
+
+
+def test_queries_refuse_a_cuda_device_faiss_cannot_use(indexed_db: Path) -> None:
+    from clipsearch.vector_index import gpu_count
+
+    if gpu_count() > 0:
+        pytest.skip("this machine has a GPU")
+    for command in (["search", "cat"], ["classify", "--labels", "a,b"]):
+        res = runner.invoke(app, [*command, "--device", "cuda", "--db", str(indexed_db)])
+        assert res.exit_code == 1 and "--device cuda: no CUDA GPU" in res.output, res.output
+
+
+def test_db_with_a_trailing_slash_is_a_folder(tmp_path: Path) -> None:
+    from clipsearch.config import CATALOGUE_FILENAME, resolve_settings
+
+    settings = resolve_settings(db=str(tmp_path / "new") + "/")  # type: ignore[arg-type]
+    assert settings.db_path == tmp_path / "new" / CATALOGUE_FILENAME
+
+
+def test_an_index_that_fails_before_starting_prints_no_empty_progress_line(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["index", str(tmp_path / "nope"), "--db", str(tmp_path / "c.sqlite3")])
+    assert res.exit_code == 1 and res.output.startswith("error: nothing to index"), res.output

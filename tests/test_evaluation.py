@@ -59,3 +59,13 @@ def test_eval_cli_json(labelled: Path, tiny_model: str) -> None:
     data = json.loads(res.stdout)
     assert set(data["metrics"]) >= {"text_to_image_R@1", "category_P@10"}
     assert np.isfinite(data["metrics"]["text_to_image_R@10"])
+
+
+def test_a_captions_csv_without_a_header_says_so(tmp_path: Path) -> None:
+    from clipsearch.errors import UsageError
+    from clipsearch.evaluation import read_labelled
+
+    csv_file = tmp_path / "caps.csv"
+    csv_file.write_text("a.png,a cat\nb.png,a dog\n")
+    with pytest.raises(UsageError, match="header naming the columns.*path and caption"):
+        read_labelled(csv_file)

@@ -658,6 +658,17 @@ def test_a_permission_change_rereads_the_file_but_encodes_nothing(settings, make
     os.chmod(p, 0o600)
     report = run_index(settings, [str(tmp_path / "photos")])
     assert report.encoded == 0 and report.failed_total == 0
+    assert (report.touched, report.changed) == (1, 0)
+
+
+def test_a_touched_file_is_reported_as_touched_not_changed(settings, make_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    p = make_image("a.png", seed=1)
+    make_image("b.png", seed=2)
+    run_index(settings, [str(tmp_path / "photos")])
+    os.utime(p, ns=(1, 2_000_000_000))
+    report = run_index(settings, [str(tmp_path / "photos")])
+    assert (report.touched, report.changed, report.unchanged, report.encoded) == (1, 0, 1, 0)
+    assert report.as_dict()["touched"] == 1
 
 
 def test_rows_from_before_ctimes_were_kept_adopt_them_without_reading(settings, make_image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]

@@ -249,7 +249,9 @@ class Catalogue:
         """SQLite's failure as a one-line CatalogueError naming the file."""
         if "unable to open database file" in str(err):
             return CatalogueError(f"cannot open the catalogue {self.path}: {err}",
-                                  hint="check that you may read it and its folder")
+                                  hint="check that you may read it and its folder" if
+                                  self.readonly else "check that you may read and write it "
+                                  "and its folder")
         damaged = damage_error(self.path, err)
         if damaged is not None:
             return damaged
