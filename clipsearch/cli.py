@@ -137,6 +137,12 @@ def index(
         console.error(f"none of the {report.failed_total} files this run tried could be "
                       "indexed", "`clipsearch status` lists each file with its reason")
         raise typer.Exit(1)
+    absent = [str(f) for f in folders if not os.path.lexists(f)]
+    if absent:  # run_index refused when none exists: here the others were indexed
+        console.error(f"not found: {', '.join(absent)} (the other "
+                      f"{'folder was' if len(folders) - len(absent) == 1 else 'folders were'} "
+                      "indexed)", "check the spelling, or whether a drive is unplugged")
+        raise typer.Exit(1)
 
 
 def _search_opts(top: int, folder: Path | None, since: str | None, until: str | None,

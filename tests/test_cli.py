@@ -419,3 +419,14 @@ def test_db_with_a_trailing_slash_is_a_folder(tmp_path: Path) -> None:
 def test_an_index_that_fails_before_starting_prints_no_empty_progress_line(tmp_path: Path) -> None:
     res = runner.invoke(app, ["index", str(tmp_path / "nope"), "--db", str(tmp_path / "c.sqlite3")])
     assert res.exit_code == 1 and res.output.startswith("error: nothing to index"), res.output
+
+
+def test_a_missing_folder_among_others_is_indexed_around_then_an_error(tmp_path: Path, make_image, tiny_model: str) -> None:  # type: ignore[no-untyped-def]
+    """A script must notice a mistyped or unplugged root even when the others worked."""
+    make_image("a.png", seed=1)
+    db = tmp_path / "c.sqlite3"
+    res = runner.invoke(app, ["index", str(tmp_path / "photos"), str(tmp_path / "nope"),
+                              "--db", str(db), "--model", tiny_model, "-q", "--json"])
+    assert res.exit_code == 1
+    assert json.loads(res.stdout.splitlines()[0])["new"] == 1  # the result is not lost
+    assert "not found: " + str(tmp_path / "nope") in res.output
