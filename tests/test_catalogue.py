@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -242,3 +243,173 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path: Path) -> None:
         assert cat.get_meta("probe") is None
         cat.set_meta("probe", "2")  # and the connection is usable again
         assert cat.get_meta("probe") == "2"
+
+
+def _catalogue_at(path: Path, revision: str) -> None:
+    """A catalogue of an older schema, as an older clipsearch left it."""
+    from alembic import command
+    from sqlalchemy import create_engine
+
+    from clipsearch.catalogue.store import _alembic_config
+
+    engine = create_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:
+        command.upgrade(_alembic_config(conn), revision)
+    engine.dispose()
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("INSERT INTO images (path, size, mtime_ns, state, attempts, updated_at) "
+                "VALUES (x'2f612e6a7067', 1, 2, 'indexed', 0, 0)")
+    con.commit()
+    con.close()
+
+
+def _columns(path: Path) -> set[str]:
+    con = sqlite3.connect(path)
+    cols = {r[1] for r in con.execute("PRAGMA table_info(images)")}
+    con.close()
+    return cols
+
+
+def test_an_upgrade_cut_short_leaves_the_old_schema_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each ALTER committed by itself (pysqlite begins transactions only for DML): a kill
+    after 0003's ALTER left a catalogue that failed forever ('duplicate column name')."""
+    from alembic.operations import Operations
+
+    path = tmp_path / "old.sqlite3"
+    _catalogue_at(path, "0002_image_labels")
+    real = Operations.add_column
+
+    def add_then_die(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        real(self, *args, **kwargs)
+        raise KeyboardInterrupt  # a kill right after the ALTER
+
+    monkeypatch.setattr(Operations, "add_column", add_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        Catalogue(path)
+    assert "ctime_ns" not in _columns(path)
+    monkeypatch.setattr(Operations, "add_column", real)
+    with Catalogue(path) as cat:
+        assert cat.count_by_state()["indexed"] == 1
+    assert "ctime_ns" in _columns(path)
+
+
+def test_processes_opening_an_old_catalogue_at_once_take_turns(tmp_path: Path) -> None:
+    """Two runs started together both migrated: 'duplicate column name', 'table roots
+    already exists', or 'database is locked' at once instead of after the busy timeout."""
+    import subprocess
+    import sys
+
+    old = tmp_path / "old.sqlite3"
+    _catalogue_at(old, "0002_image_labels")
+    new = tmp_path / "new.sqlite3"
+    go = tmp_path / "go"
+    code = ("import os, sys, time\n"
+            "from clipsearch.catalogue.store import Catalogue\n"
+            f"while not os.path.exists({str(go)!r}): time.sleep(0.001)\n"
+            "Catalogue(sys.argv[1]).close()\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(p)], stderr=subprocess.PIPE,
+                              text=True) for p in (old, new) for _ in range(3)]
+    time.sleep(2.0)  # every process imported and waiting
+    go.touch()
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, errors
+    with Catalogue(old) as cat:
+        assert cat.count_by_state()["indexed"] == 1
+
+
+def test_a_read_only_catalogue_of_the_previous_schema_is_searched_as_it_is(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    _catalogue_at(path, "0002_image_labels")
+    with Catalogue(path, readonly=True) as cat:
+        (row,) = list(cat.images())
+        assert row.ctime_ns is None
+        assert cat.files_under(["/"])["/a.jpg"].ctime_ns is None
+        assert cat.images_by_ids([row.image_id])[row.image_id].path == "/a.jpg"
+    assert "ctime_ns" not in _columns(path)  # not upgraded
+
+
+def test_an_empty_catalogue_file_is_reported_by_searches_and_never_written(tmp_path: Path) -> None:
+    """Reading commands made a new catalogue of a file cut to 0 bytes and said 'no model'.
+    (`index` builds one there: its first run may be creating that very file.)"""
+    from clipsearch.errors import CatalogueDamagedError
+
+    path = tmp_path / "c.sqlite3"
+    path.write_bytes(b"")
+    with pytest.raises(CatalogueDamagedError, match="empty"):
+        Catalogue(path, create=False)
+    assert path.read_bytes() == b""
+
+
+def test_another_programs_database_is_left_untouched(tmp_path: Path) -> None:
+    """journal_mode=WAL was set before the tables were looked at: the 'left untouched' file
+    had been switched to WAL."""
+    path = tmp_path / "other.sqlite3"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE t (x)")
+    con.commit()
+    con.close()
+    before = path.read_bytes()
+    with pytest.raises(CatalogueError, match="not a clipsearch catalogue"):
+        Catalogue(path)
+    assert path.read_bytes() == before
+
+
+def test_a_catalogue_without_a_schema_version_row_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite3"
+    Catalogue(path).close()
+    con = sqlite3.connect(path)
+    con.execute("DELETE FROM alembic_version")
+    con.commit()
+    con.close()
+    with pytest.raises(CatalogueError, match="no schema version recorded"):
+        Catalogue(path)
+
+
+def test_a_read_only_catalogue_at_a_path_that_is_not_utf8(tmp_path: Path) -> None:
+    folder = tmp_path / os.fsdecode(b"caf\xe9-\xff")
+    Catalogue(folder / "c.sqlite3").close()
+    with Catalogue(folder / "c.sqlite3", readonly=True) as cat:
+        assert cat.count_by_state()["indexed"] == 0
+
+
+def test_an_immutable_read_refuses_changes_it_cannot_see(tmp_path: Path, read_only) -> None:  # type: ignore[no-untyped-def]
+    """A catalogue in a folder this user may not write, with no -shm: SQLite can read it only
+    as immutable, which ignores the -wal file. Committed changes still there were silently
+    missing from searches; now that is an error naming the file."""
+    import shutil
+
+    src = tmp_path / "src" / "c.sqlite3"
+    writer = Catalogue(src)
+    writer.set_meta("probe", "in the wal")
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for suffix in ("", "-wal"):  # while the writer is open: the change is in the -wal only
+        shutil.copy(str(src) + suffix, str(folder / "c.sqlite3") + suffix)
+    writer.close()
+    read_only(folder / "c.sqlite3", folder / "c.sqlite3-wal", folder)
+    with pytest.raises(CatalogueError, match="still in its -wal"):
+        Catalogue(folder / "c.sqlite3", create=False)
+
+
+def test_an_immutable_reader_sees_what_another_user_writes_later(tmp_path: Path) -> None:
+    import subprocess
+
+    folder = tmp_path / "shared"
+    path = folder / "c.sqlite3"
+    Catalogue(path).close()
+    if os.geteuid() != 0:
+        pytest.skip("needs root's chattr to make a folder read-only for this process only")
+    subprocess.run(["chattr", "+i", str(folder)], check=True)
+    try:
+        reader = Catalogue(path, create=False)
+        assert reader.readonly and reader._immutable_stat is not None
+        assert reader.get_meta("probe") is None
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    with Catalogue(path) as writer:  # the owner writes (and checkpoints on close)
+        writer.set_meta("probe", "new")
+    assert reader.get_meta("probe") is None  # immutable: the old view until generation()
+    reader.generation()
+    assert reader.get_meta("probe") == "new"
+    reader.close()

@@ -157,8 +157,10 @@ def known_revisions() -> set[str]:
 
 _INDEXED_JOIN = ("FROM images AS i JOIN embeddings AS e ON e.content_hash = i.content_hash "
                  f"WHERE e.model_id = ? AND i.state = '{STATE_INDEXED}'")
-_ROW_COLS = ("id, path, size, mtime_ns, width, height, format, captured_at, state, error, "
-             "ctime_ns")
+_ROW_COLS = "id, path, size, mtime_ns, width, height, format, captured_at, state, error"
+READABLE_AS_IS = frozenset({"0002_image_labels"})
+"""Older schemas a read-only catalogue is read in as it is (it cannot be upgraded): 0002 only
+lacks the ctime column, read as NULL."""
 _ROWS_PER_PAGE = 10_000
 
 
@@ -172,6 +174,14 @@ class Catalogue:
             raise CatalogueError(
                 f"no catalogue at {self.path}",
                 hint="run `clipsearch index FOLDER` first, or point --db at an existing one",
+            )
+        if not create and exists and _empty_file(self.path) and not _wal_has_data(self.path):
+            # Not for `index` (create): its first run may be creating this very file now.
+            raise CatalogueDamagedError(
+                f"the catalogue {self.path} is empty (0 bytes): lost or cut short, or an "
+                "index run is just creating it",
+                hint="restore it from a backup, or run `clipsearch index` to build it anew; "
+                "searches never write it",
             )
         if not exists:
             try:
@@ -188,6 +198,9 @@ class Catalogue:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
+        self._verified = False  # WAL is switched on only once the file is known to be ours
+        self._immutable_stat: tuple[int, int, bool] | None = None
+        self._ctime_col = "ctime_ns"
         try:
             self._migrate()
         except CatalogueError:
@@ -219,31 +232,58 @@ class Catalogue:
         isolation: Literal["DEFERRED"] | None = None if autocommit else "DEFERRED"
         try:
             if self.readonly:
-                uri = "file:" + urllib.parse.quote(path) + "?mode=ro"
+                uri = "file:" + urllib.parse.quote(os.fsencode(path)) + "?mode=ro"
                 conn = sqlite3.connect(uri, uri=True, timeout=timeout, check_same_thread=False,
                                        isolation_level=isolation)
                 try:
                     conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
                 except sqlite3.OperationalError:
-                    # A WAL catalogue in a folder we cannot write has no -shm file to share:
-                    # read it as immutable (nobody can be writing what we may not write).
                     conn.close()
-                    conn = sqlite3.connect(uri + "&immutable=1", uri=True, timeout=timeout,
-                                           check_same_thread=False, isolation_level=isolation)
+                    conn = self._connect_immutable(uri, timeout, isolation)
             else:
                 conn = sqlite3.connect(path, timeout=timeout, check_same_thread=False,
                                        isolation_level=isolation)
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            if not self.readonly:
-                conn.execute("PRAGMA journal_mode=WAL")
-                # FULL: a committed batch survives a power cut too (WAL + NORMAL may lose the
-                # last commits); measured cost: ~0.2 ms per batch commit, next to seconds of
-                # encoding per batch.
-                conn.execute("PRAGMA synchronous=FULL")
+            if self._verified:
+                self._writer_pragmas(conn)
             conn.execute("PRAGMA foreign_keys=ON")
         except sqlite3.DatabaseError as err:
             raise self._error(err) from err
         return conn
+
+    def _writer_pragmas(self, conn: sqlite3.Connection) -> None:
+        if not self.readonly:
+            conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed batch survives a power cut too (WAL + NORMAL may lose the
+            # last commits); measured cost: ~0.2 ms per batch commit, next to seconds of
+            # encoding per batch.
+            conn.execute("PRAGMA synchronous=FULL")
+
+    def _connect_immutable(self, uri: str, timeout: float,
+                           isolation: Literal["DEFERRED"] | None) -> sqlite3.Connection:
+        """A WAL catalogue in a folder we may not write, with no -shm file to share: read it as
+        immutable, which only shows what the main file holds. So: refused while a -wal file
+        holds changes not folded in yet, and reopened (generation()) when the files change."""
+        if _wal_has_data(self.path):
+            raise CatalogueError(
+                f"cannot read the latest changes of {self.path}: they are still in its -wal "
+                "file, and reading them needs a -shm file in a folder this user may not write",
+                hint="any clipsearch command run by the catalogue's owner folds them in, or copy "
+                "the catalogue with its -wal file to a folder you may write",
+            )
+        self._immutable_stat = _files_stat(self.path)
+        return sqlite3.connect(uri + "&immutable=1", uri=True, timeout=timeout,
+                               check_same_thread=False, isolation_level=isolation)
+
+    def _reconnect_if_moved_on(self) -> None:
+        """An immutable reader's files changed (another user wrote them): open them afresh."""
+        if self._immutable_stat is not None and _files_stat(self.path) != self._immutable_stat:
+            with self._connections_lock:
+                for conn in self._connections:
+                    conn.close()
+                self._connections.clear()
+            self._local = threading.local()
+            self._immutable_stat = None
 
     def _error(self, err: sqlite3.Error) -> CatalogueError:
         """SQLite's failure as a one-line CatalogueError naming the file."""
@@ -295,7 +335,12 @@ class Catalogue:
                 )
             return None
         row = self._db.execute("SELECT version_num FROM alembic_version").fetchone()
-        return str(row[0]) if row else None
+        if row is None:
+            raise CatalogueError(
+                f"{self.path}: no schema version recorded (damaged, or not a clipsearch "
+                "catalogue)", hint="the file was left untouched; restore it from a backup or "
+                "use another --db")
+        return str(row[0])
 
     def _current_revision(self) -> str | None:
         try:
@@ -308,26 +353,47 @@ class Catalogue:
 
     def _migrate(self) -> None:
         current = self._current_revision()
-        if current == SCHEMA_HEAD:
-            return
-        if current is not None and current not in known_revisions():
+        if current is not None and current != SCHEMA_HEAD and current not in known_revisions():
             raise CatalogueError(
                 f"{self.path} was written by a newer clipsearch (schema {current})",
                 hint="upgrade clipsearch to open it",
             )
+        self._verified = True  # ours, or new: WAL from here on
+        self._writer_pragmas(self._db)
+        if current == SCHEMA_HEAD:
+            return
         if self.readonly:
+            if current in READABLE_AS_IS:
+                self._ctime_col = "NULL"  # 0002: no ctimes yet, size and mtime decide
+                return
             raise CatalogueError(f"{self.path} needs a schema upgrade but is read-only")
+        self._upgrade()
+
+    def _upgrade(self) -> None:
+        """Alembic's migrations to head in one transaction that holds SQLite's write lock from
+        its start: a crash leaves the old schema whole, and processes opening the catalogue at
+        once take turns (the next finds it upgraded). pysqlite's own transactions would commit
+        each ALTER/CREATE by itself and begin only at the version update."""
         from alembic import command
+        from sqlalchemy import create_engine, event
         from sqlalchemy.exc import DatabaseError
 
+        engine = create_engine("sqlite://", creator=lambda: self._connect(autocommit=True))
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
         try:
-            with self.engine.begin() as conn:
+            with engine.begin() as conn:
                 command.upgrade(_alembic_config(conn), "head")
         except DatabaseError as err:
             orig = err.orig if isinstance(err.orig, sqlite3.Error) else None
             if orig is None:
                 raise CatalogueError(f"cannot upgrade {self.path}: {err}") from err
             raise orig from err
+        finally:
+            engine.dispose()
 
     def close(self) -> None:
         with self._connections_lock:
@@ -434,8 +500,8 @@ class Catalogue:
         rawset = set(raw)
         out: dict[str, StoredFile] = {}
         for path, image_id, size, mtime_ns, state, chash, att, ctime_ns in self._rows(
-                "SELECT path, id, size, mtime_ns, state, content_hash, attempts, ctime_ns "
-                "FROM images"):
+                f"SELECT path, id, size, mtime_ns, state, content_hash, attempts, "
+                f"{self._ctime_col} FROM images"):
             if path in rawset or path.startswith(dirs):
                 out[os.fsdecode(path)] = StoredFile(image_id, size, mtime_ns, state, chash, att,
                                                     ctime_ns)
@@ -485,6 +551,7 @@ class Catalogue:
 
     def generation(self) -> int:
         """A counter bumped by every write that changes which vectors are indexed."""
+        self._reconnect_if_moved_on()
         value = self.get_meta(META_GENERATION)
         return int(value) if value else 0
 
@@ -594,8 +661,8 @@ class Catalogue:
     def images_by_ids(self, image_ids: Sequence[int]) -> dict[int, ImageRow]:
         out: dict[int, ImageRow] = {}
         for chunk in _chunks([int(i) for i in image_ids], 500):
-            for r in self._rows(f"SELECT {_ROW_COLS} FROM images WHERE id IN ({_marks(chunk)})",
-                                chunk):
+            for r in self._rows(f"SELECT {_ROW_COLS}, {self._ctime_col} FROM images "
+                                f"WHERE id IN ({_marks(chunk)})", chunk):
                 out[r[0]] = _image_row(r)
         return out
 
@@ -604,7 +671,7 @@ class Catalogue:
         where = "" if state is None else "AND state = ? "
         last = -(2**63)
         while True:
-            page = self._rows(f"SELECT {_ROW_COLS} FROM images WHERE id > ? {where}"
+            page = self._rows(f"SELECT {_ROW_COLS}, {self._ctime_col} FROM images WHERE id > ? {where}"
                               f"ORDER BY id LIMIT {_ROWS_PER_PAGE}",
                               (last,) if state is None else (last, state))
             for r in page:
@@ -680,6 +747,29 @@ def hex_fingerprints(hex16: Sequence[str]) -> np.ndarray:
     raw = np.frombuffer("".join(hex16).encode("ascii", "replace"), np.uint8)
     nibbles = _HEX_VALUES[raw.reshape(len(hex16), 16)]
     return np.bitwise_or.reduce(nibbles << _NIBBLE_SHIFTS, axis=1).view(np.int64)
+
+
+def _empty_file(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except OSError:
+        return False
+
+
+def _wal_has_data(path: Path) -> bool:
+    try:
+        return os.stat(str(path) + "-wal").st_size > 0
+    except OSError:
+        return False
+
+
+def _files_stat(path: Path) -> tuple[int, int, bool]:
+    """(size, mtime_ns) of the main file and whether a -wal file holds data."""
+    try:
+        st = path.stat()
+    except OSError:
+        return (-1, -1, False)
+    return (st.st_size, st.st_mtime_ns, _wal_has_data(path))
 
 
 def _marks(items: Sequence[Any]) -> str:
