@@ -131,7 +131,8 @@ def scan_directories(
     """
     result = ScanResult()
     seen_dirs: set[tuple[int, int]] = set()
-    seen_files: set[tuple[int, int]] = set()
+    seen_files: dict[tuple[int, int], int] = {}  # file identity -> its place in result.files
+    via_link: set[tuple[int, int]] = set()  # ... when that place is a symbolic link's path
     reported: set[str] = set()
 
     def problem(path: str, reason: str) -> None:
@@ -149,7 +150,7 @@ def scan_directories(
         if stat.S_ISREG(st.st_mode):
             key = (st.st_dev, st.st_ino)
             if key not in seen_files:
-                seen_files.add(key)
+                seen_files[key] = len(result.files)
                 result.files.append(FileInfo(root_path, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
             continue
         stack = [root_path]
@@ -195,6 +196,11 @@ def scan_directories(
                     continue
                 key = (est.st_dev, est.st_ino)
                 if key in seen_files:
+                    if key in via_link and not entry.is_symlink():
+                        # The file itself, met after a link to it: it keeps its own path.
+                        via_link.discard(key)
+                        result.files[seen_files[key]] = FileInfo(
+                            entry.path, est.st_size, est.st_mtime_ns, est.st_ctime_ns)
                     continue
                 ext = os.path.splitext(name)[1].lower()
                 if ext not in IMAGE_EXTENSIONS:
@@ -203,7 +209,9 @@ def scan_directories(
                     ):
                         result.skipped_not_image += 1
                         continue
-                seen_files.add(key)
+                seen_files[key] = len(result.files)
+                if entry.is_symlink():
+                    via_link.add(key)
                 result.files.append(FileInfo(entry.path, est.st_size, est.st_mtime_ns, est.st_ctime_ns))
             stack.extend(reversed(subdirs))
     return result

@@ -51,6 +51,8 @@ def test_symlink_loops_and_duplicates(tmp_path: Path) -> None:
     os.symlink(tmp_path / "d", tmp_path / "dlink")
     result = scan_directories([tmp_path, tmp_path / "d"])
     assert len(result.files) == 1
+    # the file itself keeps its path, though the link to it sorts (and is met) first
+    assert result.files[0].path == str(tmp_path / "d" / "x.png")
     dangling = [p for p in result.problems if "dangling" in p.reason]
     assert len(dangling) == 1 and dangling[0].path.endswith("dangling.png")
 

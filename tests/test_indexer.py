@@ -716,3 +716,17 @@ def test_search_and_classify_notice_an_mtime_restoring_edit(settings, make_image
     got = classify(settings, labels, [str(a)], none_margin=None, store=False)[0]
     assert got.scores == pytest.approx(of_b.scores, abs=1e-4)
     assert got.image_id is None
+
+
+def test_a_file_replaced_by_a_link_to_another_leaves_that_other_indexed(settings, make_image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """cat.png replaced by a link to pizza.png: pizza.png was marked deleted and its vector
+    went to cat.png's path (the link sorted first)."""
+    photos = tmp_path / "photos"
+    cat = make_image("cat.png", seed=1)
+    make_image("pizza.png", seed=2)
+    run_index(settings, [str(photos)])
+    cat.unlink()
+    os.symlink("pizza.png", cat)
+    report = run_index(settings, [str(photos)])
+    assert report.missing == 1
+    assert _states(settings) == {str(cat): "missing", str(photos / "pizza.png"): "indexed"}
