@@ -306,13 +306,20 @@ def test_processes_opening_an_old_catalogue_at_once_take_turns(tmp_path: Path) -
     go = tmp_path / "go"
     code = ("import os, sys, time\n"
             "from clipsearch.catalogue.store import Catalogue\n"
-            f"while not os.path.exists({str(go)!r}): time.sleep(0.001)\n"
+            "deadline = time.monotonic() + 60\n"
+            f"while not os.path.exists({str(go)!r}):\n"
+            "    if time.monotonic() > deadline: sys.exit('never started')\n"
+            "    time.sleep(0.001)\n"
             "Catalogue(sys.argv[1]).close()\n")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(p)], stderr=subprocess.PIPE,
                               text=True) for p in (old, new) for _ in range(3)]
-    time.sleep(2.0)  # every process imported and waiting
-    go.touch()
-    errors = [p.communicate(timeout=120)[1] for p in procs]
+    try:
+        time.sleep(2.0)  # every process imported and waiting
+        go.touch()
+        errors = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
     assert [p.returncode for p in procs] == [0] * 6, errors
     with Catalogue(old) as cat:
         assert cat.count_by_state()["indexed"] == 1
