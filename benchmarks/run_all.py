@@ -1,7 +1,7 @@
 """The whole benchmark suite in one command: indexing (vs rclip), then queries (vs numpy and
-rclip) at 10k / 100k / 1M images. Measured here (2 cores, 2026-12-04, 08:47 UTC): 21.9 minutes,
-with the rclip venv, its ONNX export and the vector collections made by earlier runs (the 1M
-collection adds about 5 minutes the first time). See benchmarks/RESULTS.md.
+rclip) at 10k / 100k / 1M images. Measured here (2 cores, 2026-12-04, 11:51 UTC): 16.4 minutes,
+with the rclip venv, its ONNX export and the test data made by an earlier run (22 minutes when
+the run makes them). See benchmarks/RESULTS.md.
 
 Usage: python benchmarks/run_all.py [--quick] [--data DIR] [--no-rclip]
 --quick: 50 photos, 50 small images, 2k re-run files, 2 repeats; 10k and 100k vectors only.

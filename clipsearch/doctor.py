@@ -140,7 +140,8 @@ def _check(settings: Settings, report: CheckReport, repair: bool) -> None:
         if changed:
             report.problems.append(
                 f"{len(changed)} file{'' if len(changed) == 1 else 's'} changed since indexing "
-                "(run `clipsearch index` again)"
+                "by size, time or permissions (`clipsearch index` reads "
+                f"{'it' if len(changed) == 1 else 'them'} again and encodes only new content)"
             )
         vi = load_index(settings.index_path)
         index_bad = False

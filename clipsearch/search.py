@@ -438,8 +438,8 @@ def _rank(session: _Session, qvec: np.ndarray, opts: SearchOptions, exclude: set
     changed = [p for p in dict.fromkeys(changed) if p in shown_paths]
     if changed:
         notices.append(f"{len(changed)} result{'' if len(changed) == 1 else 's'} changed since "
-                       f"the last index run ({some_paths(changed)}): ranked by the old content "
-                       "until `clipsearch index` runs")
+                       f"the last index run ({some_paths(changed)}), or were only touched: "
+                       "ranked by their content then, until `clipsearch index` reads them again")
     if gone:
         notices.append(f"left out {len(gone)} file{'' if len(gone) == 1 else 's'} deleted "
                        f"since the last index run ({some_paths(list(gone.values()))}); "
