@@ -100,8 +100,7 @@ def _check(settings: Settings, report: CheckReport, repair: bool) -> None:
         if model is None:
             report.problems.append("nothing indexed yet: the catalogue has no model")
             return
-        info = ModelInfo(model.key, model.spec, model.arch, model.pretrained,
-                         model.checkpoint_hash, model.open_clip_version, model.dim)
+        info = ModelInfo.of(model)
         ids_now, fps_now = cat.indexed_fingerprints(model.id)
         report.indexed = int(ids_now.size)
         indexed_rows = list(cat.images(STATE_INDEXED))

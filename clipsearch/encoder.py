@@ -35,6 +35,12 @@ class ModelInfo:
     open_clip_version: str
     dim: int
 
+    @classmethod
+    def of(cls, stored: Any) -> ModelInfo:
+        """The identity of a model the catalogue recorded (a catalogue.store.StoredModel)."""
+        return cls(stored.key, stored.spec, stored.arch, stored.pretrained,
+                   stored.checkpoint_hash, stored.open_clip_version, stored.dim)
+
     def as_record(self) -> dict[str, Any]:
         return {
             "key": self.key,

@@ -228,10 +228,7 @@ def _select_model(
                     hint="drop --model to keep using its model, or use a new --db for "
                     "another model",
                 )
-        info = ModelInfo(
-            active.key, active.spec, active.arch, active.pretrained, active.checkpoint_hash,
-            active.open_clip_version, active.dim,
-        )
+        info = ModelInfo.of(active)
         return _LazyEncoder(active.spec, factory, active.key), active.id, info
     return _LazyEncoder(requested or DEFAULT_MODEL, factory, None), None, None
 

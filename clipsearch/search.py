@@ -217,8 +217,7 @@ class _Session:
                     "built with that model",
                 )
         self.model_id = active.id
-        self.info = ModelInfo(active.key, active.spec, active.arch, active.pretrained,
-                              active.checkpoint_hash, active.open_clip_version, active.dim)
+        self.info = ModelInfo.of(active)
         self._encoder: Encoder | None = None
         self._text: Any = None
         self._index: Any = None
