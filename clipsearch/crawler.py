@@ -227,15 +227,20 @@ def bytes_to_path(raw: bytes) -> str:
     return os.fsdecode(raw)
 
 
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+
+
 def display_path(path: str) -> str:
-    """A printable form of a path: undecodable bytes shown as \\xNN escapes."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """A printable form of a path: undecodable bytes and control characters (a newline in a
+    file name) shown as \\xNN escapes, so a message or table row stays one line."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace").translate(_CONTROL_ESCAPES)
 
 
 def some_paths(paths: list[str], shown: int = 3) -> str:
-    """The first few paths and how many more: "a, b, c and 4 more"."""
+    """The first few paths (printable) and how many more: "a, b, c and 4 more"."""
     more = len(paths) - shown
-    return ", ".join(paths[:shown]) + (f" and {more} more" if more > 0 else "")
+    return ", ".join(display_path(p) for p in paths[:shown]) + (
+        f" and {more} more" if more > 0 else "")
 
 
 def path_fields(path: str, key: str = "path") -> dict[str, str]:

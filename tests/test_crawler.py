@@ -123,3 +123,14 @@ def test_folder_removed_mid_walk_is_reported_once_and_leaves_no_ghost_rows(
     assert report.new == 1 and report.failed_total == 0
     with Catalogue(settings.db_path) as cat:
         assert [Path(r.path).name for r in cat.images()] == ["1.png"]
+
+
+def test_paths_in_messages_stay_one_printable_line() -> None:
+    from clipsearch.crawler import display_path, some_paths
+
+    odd = os.fsdecode(b"/p/bad\xffname.png")
+    assert display_path(odd) == "/p/bad\\xffname.png"
+    assert display_path("/p/two\nlines\t.png") == "/p/two\\x0alines\\x09.png"
+    listed = some_paths([odd, "/p/a\nb.png", "/p/c.png", "/p/d.png"])
+    assert listed == "/p/bad\\xffname.png, /p/a\\x0ab.png, /p/c.png and 1 more"
+    assert "\n" not in listed and "\udcff" not in listed
