@@ -353,12 +353,7 @@ def _index_roots(
     # Content that left its old path this run: a new path holding it was moved or renamed.
     gone_hashes = Counter(old.content_hash for old in gone_rows
                           if old.content_hash and old.state == STATE_INDEXED)
-    attempts = {p: s.attempts for p, s in stored.items()}
-    # The content of indexed rows whose file changed by stat: the same content is a touch.
-    stored_content = {p: s.content_hash if s.state == STATE_INDEXED else None
-                      for p, s in stored.items()}
-    _process(catalogue, lazy, model_id, todo, attempts, gone_hashes, report, progress,
-             settings, stored_content)
+    _process(catalogue, lazy, model_id, todo, stored, gone_hashes, report, progress, settings)
     return None
 
 
@@ -553,17 +548,16 @@ def _process(
     lazy: _LazyEncoder,
     model_id: int,
     todo: list[tuple[FileInfo, bool]],
-    attempts: dict[str, int],
+    stored: dict[str, StoredFile],
     gone_hashes: Counter[str],
     report: IndexReport,
     progress: ProgressFn | None,
     settings: Settings,
-    stored_content: dict[str, str | None],
 ) -> None:
     workers = settings.workers or default_workers()
     batch_size = max(1, settings.batch_size)
     limit_s = settings.decode_timeout_s
-    changed = {f.path: stored_content[f.path] for f, is_change in todo if is_change}
+    changed = {f.path for f, is_change in todo if is_change}
     files = [f for f, _ in todo]
     done = 0
     total = len(files)
@@ -580,14 +574,14 @@ def _process(
         for work in _ordered(pool, files, batch_size * 2, limit_s):
             batch.append(work)
             if len(batch) >= batch_size:
-                _flush(catalogue, lazy, model_id, batch, changed, attempts, gone_hashes,
+                _flush(catalogue, lazy, model_id, batch, changed, stored, gone_hashes,
                        report, written)
                 done += len(batch)
                 batch = []
                 if progress:
                     progress("index", done, total)
         if batch:
-            _flush(catalogue, lazy, model_id, batch, changed, attempts, gone_hashes, report,
+            _flush(catalogue, lazy, model_id, batch, changed, stored, gone_hashes, report,
                    written)
             done += len(batch)
             if progress:
@@ -603,8 +597,8 @@ def _flush(
     lazy: _LazyEncoder,
     model_id: int,
     batch: list[_Work],
-    changed: dict[str, str | None],
-    attempts: dict[str, int],
+    changed: set[str],
+    stored: dict[str, StoredFile],
     gone_hashes: Counter[str],
     report: IndexReport,
     written: set[str],
@@ -652,9 +646,12 @@ def _flush(
             "ctime_ns": w.ctime_ns,
             "content_hash": w.content_hash,
         }
+        old = stored.get(path)
+        attempts = old.attempts if old is not None else 0
         if path in changed:
-            if w.kind in ("decoded", "reused") and w.content_hash == changed[path]:
-                report.touched += 1
+            if (w.kind in ("decoded", "reused") and old is not None
+                    and old.state == STATE_INDEXED and w.content_hash == old.content_hash):
+                report.touched += 1  # re-read after a touch or chmod: the same content
             else:
                 report.changed += 1
         elif w.kind == "reused" and w.content_hash and gone_hashes[w.content_hash] > 0:
@@ -663,7 +660,7 @@ def _flush(
             report.missing -= 1  # its old path is not a deletion
         elif w.kind == "reused" or position in copies:
             report.duplicates += 1
-        elif attempts.get(path, 0) > 0:
+        elif attempts > 0:
             report.retried += 1  # failed before and unchanged: not a new file
         else:
             report.new += 1
@@ -672,7 +669,7 @@ def _flush(
             row.update(state=STATE_INDEXED, error=None, attempts=0)
         else:
             report.failed[failure_kind(w.reason)] += 1
-            row.update(state=STATE_FAILED, error=w.reason, attempts=attempts.get(path, 0) + 1)
+            row.update(state=STATE_FAILED, error=w.reason, attempts=attempts + 1)
         rows.append(row)
     for w in batch:
         for stage, seconds in w.timings.items():

@@ -1,8 +1,8 @@
 """Open, migrate, lock and query the catalogue (SQLite, WAL, batched transactions).
 
-Queries run as plain SQL on one sqlite3 connection; SQLAlchemy and Alembic are imported only
-to migrate an older catalogue (and for `Catalogue.engine`), so a search does not pay their
-~0.3 s of imports. The tables are those of models.py (the ORM the migrations agree with)."""
+Queries run as plain SQL on sqlite3 connections, one per thread; SQLAlchemy and Alembic are
+imported only to migrate (and for `Catalogue.engine`), so a search does not pay their ~0.3 s
+of imports. The tables are those of models.py (the ORM the migrations agree with)."""
 
 from __future__ import annotations
 
@@ -301,17 +301,22 @@ class Catalogue:
     def engine(self) -> Engine:
         """A SQLAlchemy engine on this catalogue (migrations, maintenance), made on first use."""
         if self._engine is None:
-            from sqlalchemy import create_engine, event
+            self._engine = self._sqlalchemy_engine(autocommit=False, name_errors=True)
+        return self._engine
 
-            self._engine = engine = create_engine(
-                "sqlite://", creator=lambda: self._connect(autocommit=False))
+    def _sqlalchemy_engine(self, autocommit: bool, name_errors: bool) -> Engine:
+        """An engine on this catalogue's connections (_connect); with name_errors, SQLite's
+        failures become the CatalogueErrors _error makes."""
+        from sqlalchemy import create_engine, event
 
+        engine = create_engine("sqlite://", creator=lambda: self._connect(autocommit=autocommit))
+        if name_errors:
             @event.listens_for(engine, "handle_error")
             def _damaged(ctx: Any) -> BaseException | None:
                 err = ctx.original_exception
                 return self._error(err) if isinstance(err, sqlite3.Error) else None
 
-        return self._engine
+        return engine
 
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """Every row of one read; damage becomes an error naming the file."""
@@ -375,10 +380,10 @@ class Catalogue:
         once take turns (the next finds it upgraded). pysqlite's own transactions would commit
         each ALTER/CREATE by itself and begin only at the version update."""
         from alembic import command
-        from sqlalchemy import create_engine, event
+        from sqlalchemy import event
         from sqlalchemy.exc import DatabaseError
 
-        engine = create_engine("sqlite://", creator=lambda: self._connect(autocommit=True))
+        engine = self._sqlalchemy_engine(autocommit=True, name_errors=False)
 
         @event.listens_for(engine, "begin")
         def _begin(conn: Any) -> None:
